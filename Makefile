@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  make run  (whole tiny pipeline)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXTRAS ?= dev
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export DO_NOT_TRACK ?= true
+export DVC_NO_ANALYTICS ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	bash scripts/install_torch.sh $(BIN)/pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/spo pipeline --preset tiny
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check spo flows tests bench
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf data/raw data/prepared data/eval_images models reports/eval checkpoints mlflow .prefect

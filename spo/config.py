@@ -1,0 +1,457 @@
+"""Typed configuration: built-in preset <- params file <- ``--set key=value`` overrides.
+
+Resolution order (later wins):
+
+1. the pydantic defaults below (the settings SD-1.5 and SDXL share in the paper);
+2. the preset file ``spo/presets/<preset>.yaml`` (``tiny``, ``sd15``, ``sdxl``);
+3. the params file (``params.yaml``, the DVC params file) -- only when its ``preset`` key names the same
+   preset, so that ``spo train --preset sd15`` in a checkout whose params.yaml describes the tiny world does
+   not silently inherit tiny sizes;
+4. ``--set section.key=value`` overrides (values parsed as YAML: ``--set spo.lr=1e-4``, ``--set
+   eval.scorers=[pickscore,clip]``).
+
+``spo config --preset sd15`` prints the resolved config; ``spo config --preset sd15 > params.yaml`` makes a
+DVC params file for a real run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spo.errors import SPOError
+
+PRESETS = ("tiny", "sd15", "sdxl")
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(SPOError, ValueError):
+    """A configuration problem, with a message meant for the person at the terminal."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo in params.yaml or --set must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Where stages read and write. Everything is relative to ``root``; the sub-paths are the user contract."""
+
+    root: Path = Path(".")
+
+    def _p(self, *parts: str) -> Path:
+        return self.root / Path(*parts)
+
+    @property
+    def raw_data(self) -> Path:
+        return self._p("data", "raw", "pickapic_tiny")
+
+    @property
+    def prepared(self) -> Path:
+        return self._p("data", "prepared")
+
+    @property
+    def base_model(self) -> Path:
+        return self._p("models", "base")
+
+    @property
+    def base_clip(self) -> Path:
+        return self._p("models", "base", "clip")
+
+    @property
+    def spm_model(self) -> Path:
+        return self._p("models", "spm")
+
+    @property
+    def spo_dir(self) -> Path:
+        return self._p("models", "spo")
+
+    @property
+    def lora(self) -> Path:
+        return self._p("models", "spo", "lora")
+
+    @property
+    def reports(self) -> Path:
+        return self._p("reports")
+
+    @property
+    def eval_reports(self) -> Path:
+        return self._p("reports", "eval")
+
+    @property
+    def eval_images(self) -> Path:
+        return self._p("data", "eval_images")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self._p("checkpoints")
+
+
+class ModelConfig(Section):
+    """The diffusion base model (hub id or local diffusers folder)."""
+
+    arch: Literal["sd15", "sdxl"] = "sd15"
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    vae: str | None = None
+    revision: str | None = None
+    resolution: int = Field(512, ge=8, le=4096)
+    # dtype of the frozen weights on an accelerator; CPU always runs fp32.
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (got {v})")
+        return v
+
+
+class SyntheticConfig(Section):
+    """The tiny world: a Pick-a-Pic-format dataset of procedural images (see spo/data/synthetic.py)."""
+
+    seed: int = 0
+    image_size: int = Field(32, ge=16, le=512)
+    train_rows: int = Field(3000, ge=1)
+    validation_rows: int = Field(400, ge=1)
+    test_rows: int = Field(200, ge=1)
+    unique_rows: int = Field(100, ge=1)
+    train_shards: int = Field(2, ge=1)
+    pairs_per_caption: int = Field(3, ge=1)
+    label_noise: float = Field(0.05, ge=0.0, le=0.5)
+    tie_fraction: float = Field(0.08, ge=0.0, le=1.0)
+    unlabeled_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    jpeg_quality: int = Field(95, ge=10, le=100)
+
+
+class DataConfig(Section):
+    """Pick-a-Pic source and the prepare stage's filters."""
+
+    source: str = "pickapic-anonymous/pickapic_v1"
+    revision: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    prompts_val_split: str = "validation_unique"
+    keep_only_different: bool = False
+    limit_examples_per_prompt: int | None = Field(None, ge=1)
+    num_train_prompts: int = Field(4000, ge=1)
+    prompt_seed: int = 42
+    max_spm_train_pairs: int | None = Field(None, ge=1)
+    max_spm_val_pairs: int | None = Field(None, ge=1)
+    # JPEG decodability is checked on a seeded sample (decoding all of v1 would take hours).
+    gx_jpeg_sample: int = Field(64, ge=0)
+    batch_rows: int = Field(8192, ge=1)
+
+
+class BaseTrainConfig(Section):
+    """Pretraining of the tiny base model and tiny CLIP (tiny preset only)."""
+
+    seed: int = 0
+    vae_steps: int = Field(600, ge=0)
+    unet_steps: int = Field(1500, ge=0)
+    clip_steps: int = Field(400, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    num_images: int = Field(2000, ge=1)
+    sample_steps: int = Field(20, ge=1)
+
+
+class SPMConfig(Section):
+    """Step-aware preference model training (``spo train-spm``)."""
+
+    # "init": train from ``init``; "pretrained:<hub id or path>": load a released SPM (e.g.
+    # pretrained:SPO-Diffusion-Models/Step-Aware_Preference_Models) and skip training.
+    source: str = "init"
+    init: str = "yuvalkirstain/PickScore_v1"
+    processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    lr: float = Field(3e-6, gt=0)
+    weight_decay: float = Field(0.3, ge=0)
+    warmup_steps: int = Field(500, ge=0)
+    max_steps: int = Field(8000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    cfg_scale: float = Field(5.0, ge=0)
+    image_resolution: int | None = Field(None, ge=8)  # images into the VAE; None = model.resolution
+    eval_timesteps: list[int] = [0, 251, 501, 701, 951]
+    eval_every: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    relabel: bool = False
+    relabel_model: str = "yuvalkirstain/PickScore_v1"
+    relabel_gap: float = Field(0.1, ge=0, le=1)
+    time_embed_dim: int = Field(256, ge=8)
+    seed: int = 42
+
+    @field_validator("eval_timesteps")
+    @classmethod
+    def _timesteps_in_range(cls, v: list[int]) -> list[int]:
+        bad = [t for t in v if not 0 <= t < 1000]
+        if bad:
+            raise ValueError(f"timesteps must lie in [0, 1000); got {bad}")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source_form(cls, v: str) -> str:
+        if v != "init" and not v.startswith("pretrained:"):
+            raise ValueError("must be 'init' or 'pretrained:<hub id or path>'")
+        return v
+
+
+class SPOConfig(Section):
+    """SPO fine-tuning (``spo train``); defaults are the paper's settings shared by SD-1.5 and SDXL."""
+
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float | None = Field(None, gt=0)  # None = rank (the paper)
+    lr: float = Field(6e-5, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-4, ge=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    num_candidates: int = Field(4, ge=2)  # k
+    threshold: float = Field(0.3, ge=0, lt=1)
+    beta: float = Field(10.0, gt=0)
+    eps: float = Field(0.1, gt=0, lt=1)
+    divert_start_step: int = Field(4, ge=0)
+    num_steps: int = Field(20, ge=1)
+    eta: float = Field(1.0, ge=0, le=1)
+    cfg_scale: float = Field(5.0, ge=0)
+    kappa: int = Field(750, ge=0, le=1000)
+    num_inner_steps: int = Field(1, ge=1)
+    num_prompts: int | None = Field(None, ge=1)
+    sample_batch_size: int = Field(10, ge=1)
+    train_batch_size: int = Field(10, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    num_epochs: int = Field(10, ge=1)
+    train_cfg: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    checkpoint_every: int = Field(100, ge=1)
+    checkpoints_total_limit: int | None = Field(3, ge=1)
+    max_consecutive_nonfinite: int = Field(5, ge=1)
+    seed: int = 42
+    resolution: int | None = Field(None, ge=8)  # None = model.resolution
+
+    @model_validator(mode="after")
+    def _steps_consistent(self) -> SPOConfig:
+        if self.divert_start_step >= self.num_steps:
+            raise ValueError(
+                f"divert_start_step ({self.divert_start_step}) must be smaller than num_steps ({self.num_steps})"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    """``spo evaluate``: paired-seed generation and scoring."""
+
+    num_images_per_prompt: int = Field(4, ge=1)
+    num_prompts: int | None = Field(None, ge=1)  # None = all validation prompts (500 for Pick-a-Pic)
+    num_steps: int = Field(20, ge=1)
+    cfg_scale: float = Field(5.0, ge=0)
+    eta: float = Field(0.0, ge=0, le=1)
+    resolution: int | None = Field(None, ge=8)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    lora: str | None = None  # None = this run's models/spo/lora; else a path or hub id
+    scorers: list[str] = ["pickscore", "hpsv21", "imagereward", "aesthetic", "clip", "spm"]
+    bootstrap_samples: int = Field(2000, ge=100)
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    clip_model: str = "openai/clip-vit-large-patch14"
+    aesthetic_clip_model: str = "openai/clip-vit-large-patch14"
+    aesthetic_weights: str = "sac+logos+ava1-l14-linearMSE.pth"
+    hps_weights: str = "xswu/HPSv2:HPS_v2.1_compressed.pt"
+    imagereward_model: str = "THUDM/ImageReward"
+    grid_prompts: int = Field(8, ge=1)
+
+
+class RegistryConfig(Section):
+    """MLflow registration and the promotion gate."""
+
+    model_name: str | None = None  # None = "spo-<preset>"
+    primary_metric: str = "pickscore"
+    margin: float = Field(0.0, ge=0)
+    require_ci_excludes_zero: bool = True
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    experiment: str = "spo"
+    tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///mlflow/mlflow.db
+    log_system_metrics: bool = True
+
+
+class Config(Section):
+    preset: str = "sd15"
+    paths: PathsConfig = PathsConfig()
+    model: ModelConfig = ModelConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    data: DataConfig = DataConfig()
+    base: BaseTrainConfig = BaseTrainConfig()
+    spm: SPMConfig = SPMConfig()
+    spo: SPOConfig = SPOConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(PRESETS)}")
+        return v
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.preset == "tiny"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.registry.model_name or f"spo-{self.preset}"
+
+    @property
+    def spo_resolution(self) -> int:
+        return self.spo.resolution or self.model.resolution
+
+    @property
+    def spm_resolution(self) -> int:
+        return self.spm.image_resolution or self.model.resolution
+
+    @property
+    def eval_resolution(self) -> int:
+        return self.eval.resolution or self.model.resolution
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value`` for experiment trackers."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (used as a cache key for the stage they configure)."""
+        payload = {s: self.to_dict()[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    text = resources.files("spo.presets").joinpath(f"{name}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    data["preset"] = name
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. spo.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers are what people mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is a value, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `spo config` lists every key)"
+        value = err.get("input")
+        shown = "" if err["type"] == "extra_forbidden" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  - {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_params_file(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        return {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load_config(
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    params_file: str | Path | None = DEFAULT_PARAMS_FILE,
+) -> Config:
+    """Resolve a config. ``preset=None`` takes the params file's preset (or ``tiny`` without one)."""
+    params = load_params_file(params_file)
+    params_preset = params.get("preset")
+    name = preset or params_preset or "tiny"
+    data = preset_dict(name)
+    origin = [f"preset {name}"]
+    if params and params_preset in (None, name):
+        data = _deep_merge(data, {k: v for k, v in params.items() if k != "preset"})
+        origin.append(str(params_file))
+    for item in overrides:
+        path, value = parse_override(item)
+        _apply_override(data, path, value)
+    if overrides:
+        origin.append("--set " + " ".join(overrides))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, " + ".join(origin))) from None

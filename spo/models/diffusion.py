@@ -1,0 +1,215 @@
+"""Loading SD-1.5 / SDXL and the one adapter that hides their differences.
+
+Everything downstream (SPM training, the SPO sampler and trainer, evaluation) talks to a
+:class:`DiffusionAdapter`: prompt encoding (one or two text encoders, pooled embeds), the UNet call with
+classifier-free guidance (SDXL's ``time_ids``), and VAE encode/decode (scaling factor, fp16-fix VAE).
+Real presets load a hub id, the tiny preset a local folder, through the same ``from_pretrained`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spo.errors import ModelLoadError
+from spo.utils import get_logger, is_local_path
+
+log = get_logger(__name__)
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning for a batch: token embeddings, plus SDXL's pooled embedding."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor | None = None  # (B, P), SDXL only
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def index(self, idx: torch.Tensor | slice | list[int]) -> PromptEmbeddings:
+        return PromptEmbeddings(self.embeds[idx], None if self.pooled is None else self.pooled[idx])
+
+    def repeat_interleave(self, n: int) -> PromptEmbeddings:
+        return PromptEmbeddings(
+            self.embeds.repeat_interleave(n, dim=0),
+            None if self.pooled is None else self.pooled.repeat_interleave(n, dim=0),
+        )
+
+    def to(self, *args, **kwargs) -> PromptEmbeddings:
+        return PromptEmbeddings(
+            self.embeds.to(*args, **kwargs), None if self.pooled is None else self.pooled.to(*args, **kwargs)
+        )
+
+    @staticmethod
+    def cat(items: list[PromptEmbeddings]) -> PromptEmbeddings:
+        pooled = None if items[0].pooled is None else torch.cat([i.pooled for i in items])
+        return PromptEmbeddings(torch.cat([i.embeds for i in items]), pooled)
+
+
+def pipeline_class(arch: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[arch]
+
+
+def _load_hint(ref: str) -> str:
+    if is_local_path(ref):
+        return (
+            f"No model folder at {ref!r}. For the tiny preset run `spo base` first (or `make run`); "
+            "otherwise set model.pretrained to a diffusers folder or hub id."
+        )
+    return (
+        f"Could not load {ref!r} from the Hugging Face hub. Check the id, your network and HF_TOKEN; with "
+        "HF_HUB_OFFLINE=1 the model must already be in the local HF cache (huggingface-cli download "
+        f"{ref}), or point the config at a local copy with --set model.pretrained=/path/to/folder."
+    )
+
+
+def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the base pipeline named by ``model_cfg`` (a :class:`spo.config.ModelConfig`) with DDIM.
+
+    The same call serves a hub id and the tiny preset's local folder. The safety checker is never loaded:
+    evaluation must score what the model produced, not blacked-out images.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    cls = pipeline_class(model_cfg.arch)
+    ref = str(model_cfg.pretrained)
+    kwargs: dict = {"dtype": dtype}
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.arch == "sd15":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if is_local_path(ref) and not Path(ref).exists():
+        raise ModelLoadError(_load_hint(ref))
+    try:
+        if model_cfg.vae:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, dtype=dtype)
+        pipe = cls.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{_load_hint(ref)}\n  underlying error: {exc}") from exc
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class DiffusionAdapter:
+    """The SD-1.5 / SDXL differences behind one interface (see module docstring)."""
+
+    def __init__(self, pipe, resolution: int):
+        from diffusers import StableDiffusionXLPipeline
+
+        self.pipe = pipe
+        self.is_sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        self.arch = "sdxl" if self.is_sdxl else "sd15"
+        self.resolution = resolution
+        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        if resolution % self.vae_scale:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {self.vae_scale}")
+
+    # -- components -------------------------------------------------------------------------------
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        side = self.resolution // self.vae_scale
+        return (batch, self.unet.config.in_channels, side, side)
+
+    # -- text -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[PromptEmbeddings, PromptEmbeddings]:
+        """(conditional, unconditional) embeddings, exactly as the stock pipeline builds them for CFG."""
+        if self.is_sdxl:
+            cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+            )
+            return PromptEmbeddings(cond, pooled), PromptEmbeddings(uncond, uncond_pooled)
+        cond, uncond = self.pipe.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        return PromptEmbeddings(cond), PromptEmbeddings(uncond)
+
+    def time_ids(self, batch: int) -> torch.Tensor:
+        """SDXL size conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+        r = self.resolution
+        ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=self.dtype, device=self.device)
+        return ids.repeat(batch, 1)
+
+    # -- UNet -------------------------------------------------------------------------------------
+    def unet_call(self, unet, latents: torch.Tensor, t: torch.Tensor, emb: PromptEmbeddings) -> torch.Tensor:
+        """One UNet forward on a batch. ``t`` is a scalar or a per-sample (B,) tensor."""
+        t = torch.as_tensor(t, device=latents.device)
+        if t.ndim == 0:
+            t = t.expand(latents.shape[0])
+        kwargs = {}
+        if self.is_sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": emb.pooled, "time_ids": self.time_ids(latents.shape[0])}
+        return unet(latents, t, encoder_hidden_states=emb.embeds, return_dict=False, **kwargs)[0]
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: PromptEmbeddings,
+        uncond: PromptEmbeddings | None,
+        cfg_scale: float,
+        unet=None,
+    ) -> torch.Tensor:
+        """ε prediction with classifier-free guidance as ONE UNet call on the [uncond; cond] batch.
+
+        ``uncond=None`` or ``cfg_scale <= 1`` gives the plain conditional prediction (one UNet sample per
+        latent instead of two).
+        """
+        unet = unet if unet is not None else self.unet
+        if uncond is None or cfg_scale <= 1.0:
+            return self.unet_call(unet, latents, t, cond)
+        t = torch.as_tensor(t, device=latents.device)
+        t2 = t.repeat(2) if t.ndim == 1 else t
+        both = PromptEmbeddings.cat([uncond, cond])
+        eps_uncond, eps_cond = self.unet_call(unet, torch.cat([latents, latents]), t2, both).chunk(2)
+        return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+
+    # -- VAE --------------------------------------------------------------------------------------
+    def _vae_factors(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return cfg.scaling_factor, shift
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (differentiable; wrap in no_grad when not needed)."""
+        scale, shift = self._vae_factors()
+        latents = latents / scale + shift
+        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return images.float().clamp(-1, 1)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (a sample of the VAE posterior, as in SD training)."""
+        scale, shift = self._vae_factors()
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return ((dist.sample(generator) - shift) * scale).to(self.dtype)
+
+
+def load_adapter(cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Config -> (pipeline, adapter) for the configured base model."""
+    pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
+    return pipe, DiffusionAdapter(pipe, cfg.model.resolution)
