@@ -127,7 +127,19 @@ class SyntheticConfig(Section):
     label_noise: float = Field(0.05, ge=0.0, le=0.5)
     tie_fraction: float = Field(0.08, ge=0.0, le=1.0)
     unlabeled_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    # Pairs showing the same image twice (are_different = False; exercises data.keep_only_different).
+    identical_fraction: float = Field(0.02, ge=0.0, le=1.0)
+    # P(image 0 preferred) = sigmoid((s0 - s1) / label_temperature) on the hidden score (unit scale).
+    label_temperature: float = Field(0.1, gt=0.0)
     jpeg_quality: int = Field(95, ge=10, le=100)
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> SyntheticConfig:
+        if self.tie_fraction + self.unlabeled_fraction > 1.0:
+            raise ValueError(
+                f"tie_fraction + unlabeled_fraction must be at most 1 (got {self.tie_fraction} + {self.unlabeled_fraction})"
+            )
+        return self
 
 
 class DataConfig(Section):
@@ -147,6 +159,10 @@ class DataConfig(Section):
     # JPEG decodability is checked on a seeded sample (decoding all of v1 would take hours).
     gx_jpeg_sample: int = Field(64, ge=0)
     batch_rows: int = Field(8192, ge=1)
+    # Seed of prepare's pair choices (limit_examples_per_prompt, max_spm_*_pairs).
+    pair_seed: int = 0
+    # Great Expectations validates the metadata in chunks of this many rows (bounded memory).
+    gx_chunk_rows: int = Field(250_000, ge=1)
 
 
 class BaseTrainConfig(Section):
@@ -185,8 +201,13 @@ class SPMConfig(Section):
     relabel: bool = False
     relabel_model: str = "yuvalkirstain/PickScore_v1"
     relabel_gap: float = Field(0.1, ge=0, le=1)
-    time_embed_dim: int = Field(256, ge=8)
+    time_embed_dim: int = Field(256, ge=8)  # sinusoid width of the timestep embedding (released SPM: 256)
     seed: int = 42
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoints_total_limit: int | None = Field(2, ge=1)  # keep the newest N checkpoints; None = all
+    gradient_checkpointing: bool = False  # recompute the vision blocks in backward (ViT-H at large batches)
+    # File inside a pretrained: hub repo or folder; None = the released SPM for model.arch.
+    pretrained_file: str | None = None
 
     @field_validator("eval_timesteps")
     @classmethod
@@ -215,13 +236,15 @@ class SPOConfig(Section):
     adam_weight_decay: float = Field(1e-4, ge=0)
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)  # linear warm-up, then constant (the paper: constant)
     num_candidates: int = Field(4, ge=2)  # k
     threshold: float = Field(0.3, ge=0, lt=1)
     beta: float = Field(10.0, gt=0)
     eps: float = Field(0.1, gt=0, lt=1)
     divert_start_step: int = Field(4, ge=0)
     num_steps: int = Field(20, ge=1)
-    eta: float = Field(1.0, ge=0, le=1)
+    # > 0: SPO needs stochastic DDIM steps (k distinct candidates, a defined log-probability).
+    eta: float = Field(1.0, gt=0, le=1)
     cfg_scale: float = Field(5.0, ge=0)
     kappa: int = Field(750, ge=0, le=1000)
     num_inner_steps: int = Field(1, ge=1)
@@ -250,27 +273,49 @@ class SPOConfig(Section):
 
 
 class EvalConfig(Section):
-    """``spo evaluate``: paired-seed generation and scoring."""
+    """``spo evaluate``: paired-seed generation and scoring (protocol and scorers: spo/stages/evaluate.py)."""
 
-    num_images_per_prompt: int = Field(4, ge=1)
+    # Image k of prompt p uses seed  eval.seed * 10**9 + p * 1000 + k  (hence at most 1000 per prompt).
+    num_images_per_prompt: int = Field(4, ge=1, le=1000)
     num_prompts: int | None = Field(None, ge=1)  # None = all validation prompts (500 for Pick-a-Pic)
     num_steps: int = Field(20, ge=1)
     cfg_scale: float = Field(5.0, ge=0)
     eta: float = Field(0.0, ge=0, le=1)
     resolution: int | None = Field(None, ge=8)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     lora: str | None = None  # None = this run's models/spo/lora; else a path or hub id
     scorers: list[str] = ["pickscore", "hpsv21", "imagereward", "aesthetic", "clip", "spm"]
+    # False: a requested scorer that cannot load (missing extra or weights) fails the stage. True: it is
+    # skipped with a warning and listed under metrics.json "_protocol.skipped_scorers".
+    skip_unavailable: bool = False
     bootstrap_samples: int = Field(2000, ge=100)
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     clip_model: str = "openai/clip-vit-large-patch14"
     aesthetic_clip_model: str = "openai/clip-vit-large-patch14"
-    aesthetic_weights: str = "sac+logos+ava1-l14-linearMSE.pth"
+    # A local .pth state dict or "hub_id:filename"; the default is TRL's hub copy of LAION's
+    # sac+logos+ava1-l14-linearMSE.pth.
+    aesthetic_weights: str = "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth"
+    hps_model: str = "ViT-H-14"  # open_clip architecture the HPS weights belong to
     hps_weights: str = "xswu/HPSv2:HPS_v2.1_compressed.pt"
-    imagereward_model: str = "THUDM/ImageReward"
+    imagereward_model: str = "THUDM/ImageReward"  # hub id (ImageReward.pt + med_config.json) or a local .pt
     grid_prompts: int = Field(8, ge=1)
+    grid_seeds: int = Field(2, ge=1)  # images per prompt shown (base | SPO pairs) in reports/eval/grid.png
+
+    @field_validator("scorers")
+    @classmethod
+    def _known_scorers(cls, v: list[str]) -> list[str]:
+        from spo.rewards import SCORER_NAMES
+
+        unknown = [s for s in v if s not in SCORER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown scorer(s) {unknown}; choose from {', '.join(SCORER_NAMES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"scorers listed twice: {sorted({s for s in v if v.count(s) > 1})}")
+        if not v:
+            raise ValueError("list at least one scorer")
+        return v
 
 
 class RegistryConfig(Section):
@@ -280,6 +325,10 @@ class RegistryConfig(Section):
     primary_metric: str = "pickscore"
     margin: float = Field(0.0, ge=0)
     require_ci_excludes_zero: bool = True
+    # Copy a local base-model folder into every model version so that `models:/...` loads on any machine
+    # (the tiny preset's base lives only in this checkout). Hub ids are always referenced, never copied;
+    # leave this off for large local mirrors of real models.
+    bundle_base: bool = False
 
 
 class TrackingConfig(Section):

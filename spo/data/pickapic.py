@@ -1,0 +1,710 @@
+"""Pick-a-Pic: schema, streaming reader, pair tables and prompt lists, and the SPM's image stream.
+
+Source (``data.source``)
+    Either a local directory in the HF parquet layout (``<root>/data/<split>-*.parquet``; the tiny world,
+    or a user's copy) or a hub dataset id (``pickapic-anonymous/pickapic_v1``). A relative local path is
+    resolved against the project root (``paths.root``), then the working directory. Hub shards are read
+    lazily through ``huggingface_hub.HfFileSystem`` (HTTP range requests: the parquet footer and the
+    projected column chunks only, never a whole 300 MB shard), pinned to the commit that ``data.revision``
+    resolves to.
+
+Streaming
+    Everything reads parquet with column projection, record batch by record batch
+    (``ParquetFile.iter_batches(columns=..., batch_size=data.batch_rows)``): prompt extraction reads only
+    ``caption``; ``prepare`` reads the metadata columns (no ``jpg_*``, no URLs) -- about 0.3 GB of Arrow
+    for v1's 584k train rows, against 204 GB with images.
+
+Image bytes are not copied
+    The prepared pair tables (``data/prepared/spm_train``, ``spm_val``) hold metadata and a *reference* to
+    the source row -- ``source_file`` (shard path relative to the source root, or the hub path) and
+    ``source_row`` (row index inside that shard) -- instead of 2 × ~175 KB of JPEG per pair (204 GB for
+    v1). :class:`PairStream` fetches the referenced rows' ``jpg_0``/``jpg_1`` shard by shard while
+    training, and checks each row's image uids against the pair table so a changed source cannot silently
+    feed the wrong images. The data card records the source root, revision and a fingerprint of every
+    shard used (local: size + sha256 of the parquet footer, which holds every row group's offsets, sizes
+    and statistics, or of the whole file when it is under 64 MiB; hub: the LFS sha256).
+
+Pair tables (columns in :data:`PAIR_COLUMNS`)
+    Only ``has_label`` rows (an unlabeled row carries no preference, and treating it as a tie would teach
+    the SPM ties that nobody expressed); ties stay as 0.5/0.5. ``keep_only_different`` drops
+    ``are_different = False``; ``limit_examples_per_prompt`` keeps a seeded random choice of at most that
+    many pairs per caption; ``max_*_pairs`` caps the table with a seeded sample.
+    ``num_example_per_prompt`` is **recomputed on the rows the table keeps** (exact caption match, after
+    every filter and cap) and ``weight = 1 / num_example_per_prompt``, so each caption weighs 1 in total;
+    the source's own column is kept as ``source_num_example_per_prompt``. Rows are sorted by
+    (source_file, source_row) so a reader walks each shard once.
+
+Prompts
+    Captions are deduplicated on a normalised key -- unicode NFKC, casefold, whitespace collapsed and
+    stripped -- keeping the first spelling seen (with its whitespace collapsed, so one prompt is one line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from spo.errors import DataValidationError, SPOError
+from spo.utils import get_logger
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+    import torch
+
+log = get_logger(__name__)
+
+# The real schema (shared reference: the pickapic_v1 / v2 dataset cards), in the order of the HF export.
+PICKAPIC_SCHEMA = pa.schema(
+    [
+        ("are_different", pa.bool_()),
+        ("best_image_uid", pa.string()),
+        ("caption", pa.string()),
+        ("created_at", pa.timestamp("ns")),
+        ("has_label", pa.bool_()),
+        ("image_0_uid", pa.string()),
+        ("image_0_url", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("image_1_url", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("num_example_per_prompt", pa.int64()),
+        ("__index_level_0__", pa.int64()),
+    ]
+)
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+URL_COLUMNS = ("image_0_url", "image_1_url")
+# What prepare reads and validates row by row: everything but the image bytes and the dead URLs.
+METADATA_COLUMNS = tuple(n for n in PICKAPIC_SCHEMA.names if n not in IMAGE_COLUMNS + URL_COLUMNS)
+
+PAIR_COLUMNS = (
+    "caption",
+    "label_0",
+    "label_1",
+    "weight",
+    "num_example_per_prompt",
+    "source_num_example_per_prompt",
+    "ranking_id",
+    "image_0_uid",
+    "image_1_uid",
+    "model_0",
+    "model_1",
+    "user_id",
+    "are_different",
+    "source_file",
+    "source_row",
+)
+
+_FULL_HASH_LIMIT = 64 << 20
+_WS = re.compile(r"\s+")
+
+
+# ------------------------------------------------------------------------------------------- source
+
+
+@dataclass
+class ParquetSource:
+    """A Pick-a-Pic copy in the HF parquet layout: a local directory or a hub dataset at a fixed commit."""
+
+    ref: str  # as configured (data.source)
+    kind: str  # "local" | "hub"
+    root: str  # absolute local path, or the hub repo id
+    revision: str | None = None  # hub: the resolved commit sha
+    _hub_files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _fs: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(
+        cls, ref: str | Path, revision: str | None = None, root: str | Path | None = None
+    ) -> ParquetSource:
+        """Resolve ``ref``: an existing directory (relative to ``root``, then the working directory) or a hub id."""
+        ref_s = str(ref)
+        candidates = [Path(ref_s).expanduser()]
+        if root is not None and not Path(ref_s).is_absolute():
+            candidates.insert(0, Path(root) / ref_s)
+        for cand in candidates:
+            if cand.is_dir():
+                return cls(ref=ref_s, kind="local", root=str(cand.resolve()))
+        if _looks_like_hub_id(ref_s):
+            return cls._open_hub(ref_s, revision)
+        tried = ", ".join(str(c) for c in candidates)
+        raise SPOError(
+            f"data.source {ref_s!r} is neither an existing directory (tried {tried}) nor a hub dataset id "
+            "(owner/name). Point data.source at a local copy in the HF layout (a folder holding "
+            "data/<split>-*.parquet), e.g. `spo prepare --set data.source=/mnt/pickapic_v1`, or run "
+            "`spo synth` first for the tiny world."
+        )
+
+    @classmethod
+    def _open_hub(cls, repo_id: str, revision: str | None) -> ParquetSource:
+        from huggingface_hub import HfApi, constants
+
+        hint = (
+            f"Download it first (e.g. `hf download {repo_id} --repo-type dataset "
+            f"--local-dir /data/pickapic`) and point data.source at the local copy "
+            f"(`--set data.source=/data/pickapic`)"
+        )
+        if constants.is_offline_mode():
+            raise SPOError(f"data.source {repo_id!r} is a hub dataset id, but HF_HUB_OFFLINE is set. {hint}.")
+        try:
+            api = HfApi()
+            sha = api.dataset_info(repo_id, revision=revision).sha
+            files = {
+                f.path: {
+                    "size": f.size,
+                    "sha256": (f.lfs or {}).get("sha256") if f.lfs else None,
+                    "blob_id": f.blob_id,
+                }
+                for f in api.list_repo_tree(repo_id, path_in_repo="data", repo_type="dataset", revision=sha)
+                if getattr(f, "size", None) is not None and f.path.endswith(".parquet")
+            }
+        except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+            raise SPOError(
+                f"cannot list hub dataset {repo_id!r} (revision {revision or 'main'}): {exc}. {hint}."
+            ) from exc
+        return cls(ref=repo_id, kind="hub", root=repo_id, revision=sha, _hub_files=files)
+
+    # -- files
+
+    def shards(self, split: str) -> list[str]:
+        """Shard paths of ``split`` relative to the root, sorted (``data/<split>-*.parquet``)."""
+        pattern = re.compile(rf"^(?:data/)?{re.escape(split)}-[^/]*\.parquet$")
+        if self.kind == "hub":
+            names = [p for p in self._hub_files if pattern.match(p)]
+        else:
+            root = Path(self.root)
+            names = [p.relative_to(root).as_posix() for p in (root / "data").glob(f"{split}-*.parquet")]
+            if not names:  # a flat copy without the data/ folder
+                names = [p.name for p in root.glob(f"{split}-*.parquet")]
+            names = [n for n in names if pattern.match(n)]
+        return sorted(names)
+
+    def require_shards(self, split: str) -> list[str]:
+        names = self.shards(split)
+        if not names:
+            where = (
+                f"{self.root}/data" if self.kind == "local" else f"hub dataset {self.root}@{self.revision}"
+            )
+            raise DataValidationError(
+                f"no parquet shards for split {split!r} in {where} (expected data/{split}-*.parquet). "
+                "Check data.source and the data.*_split names."
+            )
+        return names
+
+    def parquet_file(self, rel: str) -> pq.ParquetFile:
+        import pyarrow.parquet as pq
+
+        try:
+            if self.kind == "local":
+                return pq.ParquetFile(Path(self.root) / rel)
+            if self._fs is None:
+                from huggingface_hub import HfFileSystem
+
+                self._fs = HfFileSystem()
+            handle = self._fs.open(f"datasets/{self.root}@{self.revision}/{rel}", "rb", block_size=8 << 20)
+            return pq.ParquetFile(handle)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataValidationError(f"cannot read parquet shard {rel} of {self.root}: {exc}") from exc
+
+    def fingerprint(self, rel: str) -> dict[str, Any]:
+        """Enough to notice that a shard changed after prepare (see the module docstring)."""
+        if self.kind == "hub":
+            info = self._hub_files.get(rel, {})
+            return {"size": info.get("size"), "sha256": info.get("sha256"), "blob_id": info.get("blob_id")}
+        path = Path(self.root) / rel
+        size = path.stat().st_size
+        if size <= _FULL_HASH_LIMIT:
+            from spo.utils import sha256_file
+
+            return {"size": size, "sha256": sha256_file(path)}
+        return {"size": size, "footer_sha256": _footer_sha256(path)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"ref": self.ref, "kind": self.kind, "root": self.root, "revision": self.revision}
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith((".", "/", "~"))
+
+
+def _footer_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+        footer_len = int.from_bytes(tail[:4], "little")
+        f.seek(-(8 + footer_len), os.SEEK_END)
+        return hashlib.sha256(f.read(footer_len + 8)).hexdigest()
+
+
+def resolve_source(cfg) -> ParquetSource:
+    """The configured ``data.source``, relative paths resolved against ``paths.root``."""
+    return ParquetSource.open(cfg.data.source, cfg.data.revision, root=cfg.paths.root)
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def iter_batches(
+    source: ParquetSource, split: str, columns: Iterable[str], batch_rows: int
+) -> Iterator[tuple[str, int, pa.RecordBatch]]:
+    """(shard, first row of the batch in that shard, batch) over every shard of ``split``, projected."""
+    columns = list(columns)
+    for rel in source.require_shards(split):
+        offset = 0
+        pf = source.parquet_file(rel)
+        try:
+            for batch in pf.iter_batches(columns=columns, batch_size=batch_rows):
+                yield rel, offset, batch
+                offset += batch.num_rows
+        except (OSError, pa.ArrowInvalid, KeyError) as exc:
+            raise DataValidationError(f"cannot read columns {columns} of shard {rel}: {exc}") from exc
+
+
+def read_metadata(
+    source: ParquetSource, split: str, batch_rows: int, columns: Iterable[str] = METADATA_COLUMNS
+) -> pa.Table:
+    """The metadata columns of a whole split (no image bytes) plus ``source_file`` / ``source_row``."""
+    from tqdm.auto import tqdm
+
+    columns = list(columns)
+    batches = []
+    for rel, offset, batch in tqdm(
+        iter_batches(source, split, columns, batch_rows),
+        desc=f"read {split}",
+        unit="batch",
+        leave=False,
+        disable=None,
+    ):
+        n = batch.num_rows
+        batches.append(
+            batch.append_column("source_file", pa.array([rel] * n, pa.string())).append_column(
+                "source_row", pa.array(np.arange(offset, offset + n, dtype=np.int64))
+            )
+        )
+    if not batches:
+        fields = [PICKAPIC_SCHEMA.field(c) for c in columns] + [
+            pa.field("source_file", pa.string()),
+            pa.field("source_row", pa.int64()),
+        ]
+        return pa.schema(fields).empty_table()
+    return pa.Table.from_batches(batches)
+
+
+def read_rows(
+    source: ParquetSource, rel: str, rows: np.ndarray, columns: list[str], pf: pq.ParquetFile | None = None
+) -> pa.Table:
+    """Rows ``rows`` (any order) of shard ``rel``, reading only the row groups that hold them."""
+    pf = pf or source.parquet_file(rel)
+    rows = np.asarray(rows, dtype=np.int64)
+    md = pf.metadata
+    ends = np.cumsum([md.row_group(i).num_rows for i in range(md.num_row_groups)])
+    if rows.size and (rows.min() < 0 or rows.max() >= (ends[-1] if len(ends) else 0)):
+        raise DataValidationError(
+            f"shard {rel} has {int(ends[-1]) if len(ends) else 0} rows but row {int(rows.max())} was requested: "
+            "the source changed since `spo prepare`; run it again"
+        )
+    groups = np.searchsorted(ends, rows, side="right")
+    parts, positions = [], []
+    for g in np.unique(groups):
+        start = 0 if g == 0 else int(ends[g - 1])
+        sel = np.nonzero(groups == g)[0]
+        parts.append(pf.read_row_group(int(g), columns=columns).take(pa.array(rows[sel] - start)))
+        positions.append(sel)
+    if not parts:
+        return pa.schema([PICKAPIC_SCHEMA.field(c) for c in columns]).empty_table()
+    table = pa.concat_tables(parts)
+    inverse = np.empty(rows.size, dtype=np.int64)
+    inverse[np.concatenate(positions)] = np.arange(rows.size)
+    return table.take(pa.array(inverse))
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def normalize_caption(text: str) -> str:
+    """The dedup key: NFKC, casefold, whitespace collapsed and stripped."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def clean_caption(text: str) -> str:
+    """The spelling written out: as given, with whitespace (newlines included) collapsed and stripped."""
+    return _WS.sub(" ", text).strip()
+
+
+class PromptDeduper:
+    """Streaming, order-preserving caption dedup: feed arrays of captions, read ``prompts``."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, str] = {}
+        self.rows = 0
+
+    def add(self, captions: pa.Array | pa.ChunkedArray | Iterable[str]) -> None:
+        import pyarrow.compute as pc
+
+        if isinstance(captions, (pa.Array, pa.ChunkedArray)):
+            self.rows += len(captions)
+            # Exact duplicates (most of them) are dropped in C++ first; pc.unique keeps first-seen order.
+            values = pc.unique(captions.drop_null() if captions.null_count else captions).to_pylist()
+        else:
+            values = list(captions)
+            self.rows += len(values)
+        first = self._first
+        for text in values:
+            if text is None:
+                continue
+            key = normalize_caption(text)
+            if key and key not in first:
+                first[key] = clean_caption(text)
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self._first.values())
+
+
+def dedup_prompts(captions: Iterable[str] | pa.Array | pa.ChunkedArray) -> list[str]:
+    d = PromptDeduper()
+    d.add(captions)
+    return d.prompts
+
+
+def extract_prompts(source: ParquetSource, split: str, batch_rows: int) -> tuple[list[str], int]:
+    """Deduplicated captions of a split, reading the ``caption`` column only. Returns (prompts, rows read)."""
+    d = PromptDeduper()
+    for _rel, _offset, batch in iter_batches(source, split, ["caption"], batch_rows):
+        d.add(batch.column(0))
+    return d.prompts, d.rows
+
+
+def sample_prompts(prompts: list[str], n: int, seed: int) -> list[str]:
+    """A seeded sample of ``n`` prompts (all of them when fewer), in their original order."""
+    if n >= len(prompts):
+        return list(prompts)
+    idx = np.sort(np.random.default_rng(seed).choice(len(prompts), size=n, replace=False))
+    return [prompts[i] for i in idx]
+
+
+def write_prompts(path: Path, prompts: list[str]) -> None:
+    Path(path).write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (``prompts_train.txt`` / ``prompts_val.txt``); blank lines are skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise SPOError(f"prompt list not found at {path}; run `spo prepare` first")
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+# -------------------------------------------------------------------------------------------- pairs
+
+
+def _caption_codes(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    enc = pc.dictionary_encode(captions)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks() if enc.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def examples_per_caption(captions: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """For each row, how many rows share its exact caption."""
+    codes = _caption_codes(captions)
+    return np.bincount(codes, minlength=1)[codes] if codes.size else np.zeros(0, np.int64)
+
+
+def build_pairs(
+    meta: pa.Table,
+    *,
+    keep_only_different: bool = False,
+    limit_examples_per_prompt: int | None = None,
+    max_pairs: int | None = None,
+    seed: int | list[int] = 0,
+) -> tuple[pa.Table, dict[str, int]]:
+    """Filter a split's metadata into a pair table (see the module docstring); returns (table, counts)."""
+    rng = np.random.default_rng(seed)
+    counts = {"source_rows": meta.num_rows}
+
+    def col(t: pa.Table, name: str) -> np.ndarray:
+        return t.column(name).to_numpy(zero_copy_only=False) if t.num_rows else np.zeros(0, bool)
+
+    table = meta.filter(pa.array(col(meta, "has_label").astype(bool)))
+    counts["dropped_unlabeled"] = meta.num_rows - table.num_rows
+    n = table.num_rows
+    if keep_only_different:
+        table = table.filter(pa.array(col(table, "are_different").astype(bool)))
+    counts["dropped_identical"] = n - table.num_rows
+    n = table.num_rows
+    if limit_examples_per_prompt is not None and n:
+        codes = _caption_codes(table.column("caption"))
+        order = np.lexsort((rng.random(n), codes))  # by caption, random within a caption
+        sorted_codes = codes[order]
+        starts = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+        rank = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        table = table.take(pa.array(np.sort(order[rank < limit_examples_per_prompt])))
+    counts["dropped_limit_per_prompt"] = n - table.num_rows
+    n = table.num_rows
+    if max_pairs is not None and n > max_pairs:
+        table = table.take(pa.array(np.sort(rng.choice(n, size=max_pairs, replace=False))))
+    counts["dropped_cap"] = n - table.num_rows
+
+    per_caption = examples_per_caption(table.column("caption")).astype(np.int64)
+    table = table.rename_columns(
+        ["source_num_example_per_prompt" if c == "num_example_per_prompt" else c for c in table.column_names]
+    )
+    table = table.append_column("num_example_per_prompt", pa.array(per_caption, pa.int64()))
+    table = table.append_column("weight", pa.array(1.0 / np.maximum(per_caption, 1), pa.float64()))
+    table = table.select(list(PAIR_COLUMNS)).sort_by(
+        [("source_file", "ascending"), ("source_row", "ascending")]
+    )
+
+    label_0 = col(table, "label_0")
+    counts["pairs"] = table.num_rows
+    counts["ties"] = int(np.sum(label_0 == 0.5))
+    counts["decisive"] = table.num_rows - counts["ties"]
+    counts["captions"] = int(len(np.unique(_caption_codes(table.column("caption"))))) if table.num_rows else 0
+    return table, counts
+
+
+def write_pairs(path: Path, table: pa.Table) -> None:
+    """A pair table as a directory of parquet files (readable with ``pyarrow.dataset.dataset(path)``)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path / "part-00000.parquet", row_group_size=65536)
+
+
+def read_pairs(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow.dataset as ds
+
+    path = Path(path)
+    if not path.exists():
+        raise SPOError(f"pair table not found at {path}; run `spo prepare` first")
+    return ds.dataset(path, format="parquet").to_table(columns=columns)
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def decode_image(jpeg_bytes: bytes, resolution: int) -> torch.Tensor:
+    """JPEG bytes -> (3, R, R) float in [-1, 1]: RGB, shortest side resized to R (bicubic, antialiased),
+    centre crop -- the usual ``Resize(R) + CenterCrop(R)`` of CLIP / SD preprocessing."""
+    import torch
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg_bytes)) as im:
+        img = im.convert("RGB")
+    w, h = img.size
+    if min(w, h) != resolution:
+        scale = resolution / min(w, h)
+        # Pillow's BICUBIC widens its kernel when shrinking: this is the antialiased resize.
+        img = img.resize(
+            (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC
+        )
+        w, h = img.size
+    left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+    if (w, h) != (resolution, resolution):
+        img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class PairStream:
+    """Batches of SPM training pairs with their decoded images, streamed from the source shards.
+
+    Epoch order, deterministic for (seed, epoch): shard order shuffled, rows shuffled within each shard,
+    then rows shuffled again within windows of ``buffer_rows`` (a multiple of the batch size) so a batch
+    mixes neighbouring shards. Images are fetched window by window -- only the rows this process needs,
+    only their row groups -- so memory holds at most one window of JPEG bytes. ``skip_batches`` resumes
+    mid-epoch without reading the skipped images. With several processes, the epoch's batch list is dealt
+    round-robin and cut to equal length (the remainder, < num_processes batches, is dropped).
+    """
+
+    IMAGE_READ_COLUMNS = ["jpg_0", "jpg_1", "image_0_uid", "image_1_uid"]
+
+    def __init__(
+        self,
+        pairs_path: str | Path,
+        source: str | Path | ParquetSource,
+        resolution: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        *,
+        buffer_rows: int = 2048,
+        decode_workers: int = 4,
+        revision: str | None = None,
+        root: str | Path | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.pairs = read_pairs(pairs_path)
+        missing = [
+            c
+            for c in ("caption", "label_0", "label_1", "weight", "ranking_id", "source_file", "source_row")
+            if c not in self.pairs.column_names
+        ]
+        if missing:
+            raise SPOError(f"{pairs_path} lacks columns {missing}; re-run `spo prepare`")
+        self.source = (
+            source if isinstance(source, ParquetSource) else ParquetSource.open(source, revision, root=root)
+        )
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.window_batches = max(1, buffer_rows // batch_size)
+        self.decode_workers = decode_workers
+        self._files = self.pairs.column("source_file").to_pylist()
+        self._file_codes = _caption_codes(self.pairs.column("source_file"))
+        self._rows = self.pairs.column("source_row").to_numpy()
+        self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    def num_batches(self, num_processes: int = 1) -> int:
+        n = self.pairs.num_rows
+        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return total // num_processes
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = self.pairs.num_rows
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, epoch])
+        by_file = np.argsort(self._file_codes, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, np.diff(self._file_codes[by_file]) != 0, True])
+        groups = [by_file[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+        order = (
+            np.concatenate([rng.permutation(groups[g]) for g in rng.permutation(len(groups))])
+            if groups
+            else np.arange(0)
+        )
+        window = self.window_batches * self.batch_size
+        for start in range(0, n, window):
+            rng.shuffle(order[start : start + window])
+        return order
+
+    def batch_indices(self, epoch: int, process_index: int = 0, num_processes: int = 1) -> list[np.ndarray]:
+        """Pair-table row indices of each batch this process gets in ``epoch``."""
+        return self._epoch_batches(epoch, process_index, num_processes)[0]
+
+    def _epoch_batches(
+        self, epoch: int, process_index: int, num_processes: int
+    ) -> tuple[list[np.ndarray], list[int]]:
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
+        order = self._epoch_order(epoch)
+        bs = self.batch_size
+        total = len(order) // bs if self.drop_last else -(-len(order) // bs)
+        mine = list(range(process_index, total, num_processes))[: total // num_processes]
+        return [order[b * bs : (b + 1) * bs] for b in mine], mine
+
+    def iter_epoch(
+        self, epoch: int, skip_batches: int = 0, process_index: int = 0, num_processes: int = 1
+    ) -> Iterator[dict[str, Any]]:
+        batches, global_ids = self._epoch_batches(epoch, process_index, num_processes)
+        batches, global_ids = batches[skip_batches:], global_ids[skip_batches:]
+        window_of = [g // self.window_batches for g in global_ids]
+        with ThreadPoolExecutor(max_workers=max(1, self.decode_workers)) as pool:
+            start = 0
+            while start < len(batches):
+                end = start
+                while end < len(batches) and window_of[end] == window_of[start]:
+                    end += 1
+                images = self._read_images(np.concatenate(batches[start:end]))
+                for idx in batches[start:end]:
+                    yield self._make_batch(idx, images, pool)
+                start = end
+
+    def _parquet(self, rel: str) -> pq.ParquetFile:
+        if rel not in self._open:
+            self._open[rel] = self.source.parquet_file(rel)
+            while len(self._open) > 8:
+                self._open.popitem(last=False)
+        self._open.move_to_end(rel)
+        return self._open[rel]
+
+    def _read_images(self, idx: np.ndarray) -> dict[int, tuple[bytes, bytes]]:
+        """JPEG bytes of pair-table rows ``idx``, shard by shard, checked against the pair table's uids."""
+        out: dict[int, tuple[bytes, bytes]] = {}
+        codes = self._file_codes[idx]
+        for code in np.unique(codes):
+            sel = idx[codes == code]
+            rel = self._files[int(sel[0])]
+            rows = read_rows(
+                self.source, rel, self._rows[sel], self.IMAGE_READ_COLUMNS, pf=self._parquet(rel)
+            )
+            want = self.pairs.take(pa.array(sel)).select(["image_0_uid", "image_1_uid"]).to_pydict()
+            got_0, got_1 = rows.column("image_0_uid").to_pylist(), rows.column("image_1_uid").to_pylist()
+            j0, j1 = rows.column("jpg_0").to_pylist(), rows.column("jpg_1").to_pylist()
+            for k, i in enumerate(sel):
+                if (got_0[k], got_1[k]) != (want["image_0_uid"][k], want["image_1_uid"][k]):
+                    raise DataValidationError(
+                        f"{rel} row {int(self._rows[i])} holds images {got_0[k]}/{got_1[k]}, but the pair table expects "
+                        f"{want['image_0_uid'][k]}/{want['image_1_uid'][k]}: the source changed since `spo prepare`; "
+                        "run it again"
+                    )
+                out[int(i)] = (j0[k], j1[k])
+        return out
+
+    def _decode(self, i: int, data: bytes) -> torch.Tensor:
+        try:
+            return decode_image(data, self.resolution)
+        except Exception as exc:
+            raise DataValidationError(
+                f"cannot decode the JPEG of {self._files[i]} row {int(self._rows[i])} "
+                f"(ranking_id {self.pairs.column('ranking_id')[i].as_py()}): {exc}"
+            ) from exc
+
+    def _make_batch(
+        self, idx: np.ndarray, images: dict[int, tuple[bytes, bytes]], pool: ThreadPoolExecutor
+    ) -> dict[str, Any]:
+        import torch
+
+        ids = [int(i) for i in idx]
+        jobs = [(i, images[i][0]) for i in ids] + [(i, images[i][1]) for i in ids]
+        decoded = list(pool.map(lambda job: self._decode(*job), jobs))
+        sub = self.pairs.take(pa.array(idx))
+
+        def floats(name: str) -> torch.Tensor:
+            return torch.from_numpy(sub.column(name).to_numpy().astype(np.float32))
+
+        return {
+            "caption": sub.column("caption").to_pylist(),
+            "image_0": torch.stack(decoded[: len(ids)]),
+            "image_1": torch.stack(decoded[len(ids) :]),
+            "label_0": floats("label_0"),
+            "label_1": floats("label_1"),
+            "weight": floats("weight"),
+            "ranking_id": torch.from_numpy(sub.column("ranking_id").to_numpy().astype(np.int64)),
+        }
+
+
+def load_data_card(prepared_dir: str | Path) -> dict[str, Any]:
+    path = Path(prepared_dir) / "data_card.json"
+    if not path.exists():
+        raise SPOError(f"data card not found at {path}; run `spo prepare` first")
+    return json.loads(path.read_text())
