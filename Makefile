@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean params
 
 install: $(STAMP)
 
@@ -38,3 +38,7 @@ bench: install
 
 clean:
 	rm -rf data/raw data/prepared data/eval_images models reports/eval checkpoints mlflow .prefect
+
+# params.yaml is the resolved tiny preset (the DVC params file); regenerate after editing spo/presets/tiny.yaml.
+params: install
+	{ head -n 2 params.yaml; $(BIN)/spo config --preset tiny --params /dev/null; } > params.yaml.new && mv params.yaml.new params.yaml

@@ -75,7 +75,7 @@ def tiny_vae(latent_channels: int = 4, down_levels: int = 3):
     """AutoencoderKL with factor 2**(down_levels-1) (4 by default: 32 px images -> 8x8 latents)."""
     from diffusers import AutoencoderKL
 
-    channels = [32, 64, 64, 64][:down_levels]
+    channels = [16, 32, 32, 32][:down_levels]
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -84,7 +84,7 @@ def tiny_vae(latent_channels: int = 4, down_levels: int = 3):
         block_out_channels=channels,
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=32,
     )
 
@@ -96,13 +96,13 @@ def tiny_unet(cross_attention_dim: int = 64, sample_size: int = 8, sdxl: bool = 
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(64, 128),
+        block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=16,
-        norm_num_groups=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     if sdxl:
         kwargs.update(
