@@ -1,0 +1,191 @@
+"""`spo train-spm` on the tiny world: outputs and schema, resume, SDXL, the pretrained import, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from spo_test_helpers import make_cfg
+from spm_helpers import official_layout, perturb_time_conditioning
+
+from spo.errors import ModelLoadError, NonFiniteError
+from spo.models.preference import load_spm
+from spo.stages import train_spm
+
+EVAL_T = ["0", "251", "501", "701", "951"]
+# Small and fast: 4 optimizer steps of 8 pairs, checkpoints every 2.
+QUICK = [
+    "spm.max_steps=4",
+    "spm.batch_size=8",
+    "spm.checkpoint_every=2",
+    "spm.eval_every=2",
+    "spm.warmup_steps=1",
+]
+
+
+def _cfg(project_cfg, *overrides):
+    return make_cfg(project_cfg.paths.root, *QUICK, *overrides)
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_train_spm_outputs_and_resume_continue_the_same_run(tiny_project):
+    cfg = _cfg(tiny_project)
+    result = train_spm.run(cfg)
+
+    # Contract outputs.
+    metrics = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
+    assert list(metrics["accuracy"]) == EVAL_T and list(metrics["initial_accuracy"]) == EVAL_T
+    assert metrics["n_pairs"] > 0 and metrics["steps"] == 4
+    assert all(
+        0.0 <= a <= 1.0 for a in [*metrics["accuracy"].values(), *metrics["initial_accuracy"].values()]
+    )
+    acc_rows = _read_csv(cfg.paths.reports / "spm_accuracy.csv")
+    assert [r["t"] for r in acc_rows] == EVAL_T
+    assert float(acc_rows[0]["accuracy"]) == pytest.approx(metrics["accuracy"]["0"])
+    curves = _read_csv(cfg.paths.reports / "spm_train_curves.csv")
+    assert [int(r["step"]) for r in curves] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in curves)
+    assert result["steps"] == 4
+
+    spm = load_spm(cfg.paths.spm_model)
+    spm_config = json.loads((cfg.paths.spm_model / "spm_config.json").read_text())
+    assert spm_config["steps"] == 4 and spm_config["training_config_hash"]
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.isfinite(spm.score(images, ["a red circle", "a blue square"], torch.tensor([0, 500]))).all()
+
+    # Checkpoints at steps 2 and 4 (the limit keeps both).
+    ckpts = sorted(p.name for p in (cfg.paths.checkpoints / "spm").glob("step-*"))
+    assert ckpts == ["step-000002", "step-000004"]
+
+    # Resume from step 2 in a fresh copy of the outputs: steps 3 and 4 repeat exactly, and so does the model.
+    first_weights = {k: v.clone() for k, v in spm.state_dict().items()}
+    shutil.rmtree(cfg.paths.spm_model)
+    resumed = train_spm.run(cfg, resume=str(cfg.paths.checkpoints / "spm" / "step-000002"))
+    assert resumed["steps"] == 4
+    curves_b = _read_csv(cfg.paths.reports / "spm_train_curves.csv")
+    assert [int(r["step"]) for r in curves_b] == [1, 2, 3, 4]
+    for a, b in zip(curves, curves_b, strict=True):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-6)
+    second = load_spm(cfg.paths.spm_model).state_dict()
+    for k, v in first_weights.items():
+        torch.testing.assert_close(second[k], v, rtol=1e-5, atol=1e-6)
+    # The initial-model accuracy travels with the checkpoint instead of being recomputed differently.
+    metrics_b = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
+    assert metrics_b["initial_accuracy"] == metrics["initial_accuracy"]
+
+
+@pytest.mark.slow
+def test_train_spm_runs_on_an_sdxl_architecture_base(tiny_project):
+    root = tiny_project.paths.root
+    cfg = _cfg(
+        tiny_project,
+        "model.arch=sdxl",
+        f"model.pretrained={root / 'models' / 'base_sdxl'}",
+        "spm.max_steps=2",
+        "spm.eval_timesteps=[0,501]",
+    )
+    result = train_spm.run(cfg)
+    assert result["steps"] == 2
+    metrics = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
+    assert list(metrics["accuracy"]) == ["0", "501"]
+    assert load_spm(cfg.paths.spm_model) is not None
+
+
+def test_nonfinite_training_stops_and_keeps_the_previous_model(tiny_project):
+    cfg = _cfg(tiny_project, "spm.eval_timesteps=[0]", "spm.max_steps=50")
+    previous = cfg.paths.spm_model
+    previous.mkdir(parents=True)
+    (previous / "marker").write_text("previous output")
+    # An absurd learning rate blows the weights up after one step; the loss turns NaN/inf.
+    bad = make_cfg(
+        cfg.paths.root,
+        *QUICK,
+        "spm.eval_timesteps=[0]",
+        "spm.max_steps=50",
+        "spm.lr=1e30",
+        "spm.warmup_steps=0",
+        "spm.max_grad_norm=1e30",
+    )
+    with pytest.raises(NonFiniteError, match="spm.lr"):
+        train_spm.run(bad)
+    assert (previous / "marker").read_text() == "previous output"
+    assert not (cfg.paths.reports / "spm_metrics.json").exists()
+
+
+def test_missing_init_clip_is_a_clear_error(tiny_project):
+    cfg = _cfg(tiny_project, f"spm.init={tiny_project.paths.root / 'no_such_clip'}")
+    with pytest.raises(ModelLoadError, match="no_such_clip"):
+        train_spm.run(cfg)
+
+
+def test_pretrained_source_imports_the_released_layout(tiny_project, tmp_path):
+    from spo.models.preference import TimeConditionedCLIP
+
+    clip_dir = tiny_project.paths.root / "models" / "base" / "clip"
+    released = TimeConditionedCLIP.from_clip(str(clip_dir), time_embed_dim=64).eval()
+    perturb_time_conditioning(released, seed=7)
+    ckpt = tmp_path / "released"
+    ckpt.mkdir()
+    torch.save(official_layout(released), ckpt / "sd-v1-5_step-aware_preference_model.bin")
+
+    cfg = _cfg(tiny_project, f"spm.source=pretrained:{ckpt}", "spm.eval_timesteps=[0,501]")
+    result = train_spm.run(cfg)
+    assert set(result["accuracy"]) == {"0", "501"}
+    imported = load_spm(cfg.paths.spm_model)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    prompts = ["a red circle", "a", "a green square"]
+    t = torch.tensor([0, 300, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(imported.score(images, prompts, t), released.score(images, prompts, t))
+
+
+def test_validation_accuracy_cached_and_uncached_agree_with_a_hand_count(tiny_project, tmp_path):
+    from spo.models.preference import TimeConditionedCLIP
+
+    cfg = _cfg(tiny_project)
+    accelerator = train_spm._accelerator(cfg, tmp_path)
+    _, val = train_spm._streams(cfg)
+    denoiser = train_spm.PairDenoiser(train_spm._base_model(cfg, accelerator.device), cfg.spm.cfg_scale)
+    spm = TimeConditionedCLIP.from_clip(str(cfg.paths.base_clip), time_embed_dim=64).eval()
+    perturb_time_conditioning(spm, seed=2, scale=0.3)
+    timesteps = [0, 501, 951]
+
+    cached = train_spm.ValidationSet(val, denoiser, timesteps, 42, accelerator)
+    first, n = cached.accuracy({"m": spm})
+    rendered = denoiser.counts["pairs"]
+    again, _ = cached.accuracy({"m": spm})
+    assert denoiser.counts["pairs"] == rendered  # served from the cache: no UNet/VAE work
+    uncached, _ = train_spm.ValidationSet(val, denoiser, timesteps, 42, accelerator, cache_bytes=0).accuracy(
+        {"m": spm}
+    )
+    assert first == again == uncached
+
+    # t = 0 by hand: clean images, ties excluded.
+    right = total = 0
+    with torch.no_grad():
+        for batch in val.iter_epoch(0):
+            s0 = spm.score(batch["image_0"], batch["caption"])
+            s1 = spm.score(batch["image_1"], batch["caption"])
+            for a, b, l0, l1 in zip(s0, s1, batch["label_0"], batch["label_1"], strict=True):
+                if l0 != l1:
+                    total += 1
+                    right += int((a > b) == (l0 > l1) and a != b)
+    assert n == total
+    assert first["m"]["0"] == pytest.approx(right / total)
+
+
+def test_resume_latest_without_checkpoints_says_what_to_do(tiny_cfg):
+    from spo.errors import SPOError
+
+    with pytest.raises(SPOError, match="Start without --resume"):
+        train_spm.run(tiny_cfg, resume="latest")
+    with pytest.raises(SPOError, match="not an SPM checkpoint"):
+        train_spm.run(tiny_cfg, resume=str(tiny_cfg.paths.root))
