@@ -208,6 +208,10 @@ class SPMConfig(Section):
     gradient_checkpointing: bool = False  # recompute the vision blocks in backward (ViT-H at large batches)
     # File inside a pretrained: hub repo or folder; None = the released SPM for model.arch.
     pretrained_file: str | None = None
+    # Share of training pairs shown as the clean images at t = 0 instead of x̂0 at a random t. 0 = the paper.
+    # Matters when the VAE round trip visibly changes images (the tiny world's VAE drops colour and grain):
+    # then t = 0 -- clean images at evaluation, final images in SPO -- would otherwise never be seen in training.
+    clean_fraction: float = Field(0.0, ge=0, le=1)
 
     @field_validator("eval_timesteps")
     @classmethod
@@ -377,6 +381,24 @@ class Config(Section):
     @property
     def eval_resolution(self) -> int:
         return self.eval.resolution or self.model.resolution
+
+    def resolve_ref(self, ref: str | Path | None) -> str | None:
+        """A model/data reference from the config -> what loaders should open.
+
+        Relative paths are project paths: ``models/base`` means ``<paths.root>/models/base`` when that exists
+        (or always, when written ``./models/base``), else a path relative to the working directory when that
+        exists. Anything else (``org/name``) is a hub id and is returned unchanged, as are absolute paths.
+        """
+        if ref is None:
+            return None
+        text = str(ref)
+        path = Path(text).expanduser()
+        if path.is_absolute():
+            return str(path)
+        rooted = self.paths.root / path
+        if text.startswith(("./", "../")) or rooted.exists():
+            return str(rooted)
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from spo_test_helpers import SMALL, make_cfg  # noqa: F401  (re-exported for older imports)
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -22,23 +23,6 @@ OFFLINE_ENV = {
 }
 for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
-
-# Small tiny-world sizes for tests (the tiny preset itself is sized for `make run`).
-SMALL = [
-    "synthetic.train_rows=240",
-    "synthetic.validation_rows=60",
-    "synthetic.test_rows=20",
-    "synthetic.unique_rows=12",
-    "synthetic.train_shards=2",
-    "data.num_train_prompts=16",
-    "data.gx_jpeg_sample=16",
-]
-
-
-def make_cfg(root: Path, *overrides: str):
-    from spo.config import load_config
-
-    return load_config("tiny", [f"paths.root={root}", *SMALL, *overrides], params_file=None)
 
 
 @pytest.fixture

@@ -283,7 +283,8 @@ class SourceValidator:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        self.report_dir = Path(report_dir)
+        # GX's filesystem store wants an absolute base_directory (paths.root is "." under `make run`).
+        self.report_dir = Path(report_dir).resolve()
         self.report_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.report_dir.name}.tmp-", dir=self.report_dir.parent))
         self.jpeg_sample = jpeg_sample

@@ -68,16 +68,18 @@ def _load_hint(ref: str) -> str:
     )
 
 
-def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cfg=None):
     """Load the base pipeline named by ``model_cfg`` (a :class:`spo.config.ModelConfig`) with DDIM.
 
-    The same call serves a hub id and the tiny preset's local folder. The safety checker is never loaded:
-    evaluation must score what the model produced, not blacked-out images.
+    The same call serves a hub id and the tiny preset's local folder; pass the full ``cfg`` so that project
+    paths such as ``models/base`` resolve against ``paths.root`` (:meth:`spo.config.Config.resolve_ref`).
+    The safety checker is never loaded: evaluation must score what the model produced, not blacked-out images.
     """
     from diffusers import AutoencoderKL, DDIMScheduler
 
+    resolve = cfg.resolve_ref if cfg is not None else str
     cls = pipeline_class(model_cfg.arch)
-    ref = str(model_cfg.pretrained)
+    ref = resolve(model_cfg.pretrained)
     kwargs: dict = {"dtype": dtype}
     if model_cfg.revision:
         kwargs["revision"] = model_cfg.revision
@@ -87,7 +89,7 @@ def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dt
         raise ModelLoadError(_load_hint(ref))
     try:
         if model_cfg.vae:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, dtype=dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(resolve(model_cfg.vae), dtype=dtype)
         pipe = cls.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{_load_hint(ref)}\n  underlying error: {exc}") from exc
@@ -211,5 +213,5 @@ class DiffusionAdapter:
 
 def load_adapter(cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Config -> (pipeline, adapter) for the configured base model."""
-    pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
+    pipe = load_pipeline(cfg.model, device=device, dtype=dtype, cfg=cfg)
     return pipe, DiffusionAdapter(pipe, cfg.model.resolution)

@@ -278,7 +278,7 @@ def run(cfg, force: bool = False) -> dict:
     # The grid is drawn from the saved folder, through the same loader every later stage uses.
     from spo.models.diffusion import load_pipeline
 
-    saved = load_pipeline(cfg.model)
+    saved = load_pipeline(cfg.model, cfg=cfg)
     prompts = sorted(set(captions))[:: max(1, len(set(captions)) // 6)][:6]
     save_sample_grid(saved, prompts, cfg.paths.reports / GRID_FILE, cfg)
     atomic_write_json(cfg.paths.reports / "base_train.json", info)

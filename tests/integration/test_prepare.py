@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMALL, make_cfg
+from spo_test_helpers import SMALL, make_cfg
 from PIL import Image
 
 from spo import tracking
