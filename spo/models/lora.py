@@ -1,0 +1,191 @@
+"""LoRA on the UNet: add it, run the frozen reference with the adapters switched off, save/load/export.
+
+The SPO reference policy π_ref is the base UNet. Because only LoRA weights train, the base UNet is the same
+module with its adapters disabled; there is never a second UNet in memory (the official code deep-copies it).
+
+Files are written in the stock diffusers format (``pytorch_lora_weights.safetensors`` with the adapter
+metadata, so that ``lora_alpha != rank`` survives ``load_lora_weights``) and, for webui / ComfyUI users,
+in kohya's ``lora_unet_*`` format with per-module ``.alpha`` tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from spo.errors import ModelLoadError
+from spo.utils import atomic_dir, get_logger
+
+log = get_logger(__name__)
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER = "default"
+
+
+def add_lora(unet, rank: int, alpha: float | None = None, targets=LORA_TARGETS) -> list[torch.nn.Parameter]:
+    """Freeze ``unet``, add a peft LoRA (gaussian init, as the paper) on the attention projections, keep the
+    LoRA parameters in fp32 (whatever the frozen weights' dtype) and return them, as a list.
+
+    A list, not a generator: the official code passed a ``filter`` iterator to both the optimizer and the
+    gradient clipper, so clipping silently saw no parameters.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            init_lora_weights="gaussian",
+            target_modules=list(targets),
+        ),
+        adapter_name=ADAPTER,
+    )
+    params = lora_parameters(unet)
+    for p in params:
+        p.data = p.data.float()
+    if not params:
+        raise ModelLoadError(
+            f"no LoRA target modules {list(targets)} found in the UNet; is this an SD-1.5 / SDXL UNet?"
+        )
+    return params
+
+
+def lora_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+@contextlib.contextmanager
+def reference_unet(unet) -> Iterator:
+    """The reference policy: the same UNet with its LoRA adapters disabled, under ``no_grad``.
+
+    ``unet`` may be an accelerate/DDP wrapper; adapters are toggled on the underlying module and re-enabled
+    even if the body raises.
+    """
+    base = getattr(unet, "module", unet)
+    base.disable_adapters()
+    try:
+        with torch.no_grad():
+            yield unet
+    finally:
+        base.enable_adapters()
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights in diffusers' key format (``...to_q.lora.down.weight``), on CPU, contiguous."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    base = getattr(unet, "module", unet)
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(base, adapter_name=ADAPTER))
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def lora_metadata(unet) -> dict:
+    base = getattr(unet, "module", unet)
+    return base.peft_config[ADAPTER].to_dict()
+
+
+def write_lora(unet, directory: str | Path, arch: str) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` (not atomic; see :func:`save_lora`)."""
+    from spo.models.diffusion import pipeline_class
+
+    pipeline_class(arch).save_lora_weights(
+        str(directory),
+        unet_lora_layers=lora_state_dict(unet),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=lora_metadata(unet),
+    )
+    path = Path(directory) / LORA_WEIGHT_NAME
+    path.chmod(0o644)  # safetensors creates it 0600; shared model stores need it readable
+    return path
+
+
+def save_lora(unet, dest: str | Path, arch: str, extra_files: dict[str, str] | None = None) -> Path:
+    """Atomically replace the folder ``dest`` with the LoRA file (+ small text files such as a model card)."""
+    dest = Path(dest)
+    with atomic_dir(dest) as tmp:
+        write_lora(unet, tmp, arch)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return dest / LORA_WEIGHT_NAME
+
+
+def resolve_lora_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise ModelLoadError(
+            f"no LoRA file at {path}. Train one with `spo train` (it writes models/spo/lora/{LORA_WEIGHT_NAME}) "
+            "or pass the folder / .safetensors file of a diffusers-format LoRA."
+        )
+    return path
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict, adapter metadata or None) of a diffusers-format LoRA file (the ``unet.`` prefix kept)."""
+    from safetensors import safe_open
+
+    path = resolve_lora_file(path)
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    raw = meta.get("lora_adapter_metadata")
+    metadata = None
+    if raw:
+        # diffusers stores {"unet.r": 4, "unet.lora_alpha": 8, ...}; keep the UNet's entries.
+        flat = json.loads(raw)
+        metadata = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("unet.")} or flat
+    return tensors, metadata
+
+
+def load_lora_into(unet, path: str | Path) -> None:
+    """Load a diffusers-format LoRA file into ``unet``'s existing adapter (used when resuming)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    sd, _ = read_lora_file(path)
+    sd = {k.removeprefix("unet."): v for k, v in sd.items()}
+    base = getattr(unet, "module", unet)
+    result = set_peft_model_state_dict(base, convert_unet_state_dict_to_peft(sd), adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ModelLoadError(
+            f"LoRA file {path} does not match this UNet (unexpected keys, e.g. {unexpected[:3]})"
+        )
+
+
+def to_kohya(path: str | Path) -> dict[str, torch.Tensor]:
+    """Convert a diffusers-format LoRA file to kohya's format (``lora_unet_<module>.lora_down/lora_up.weight``
+    and ``.alpha``), which AUTOMATIC1111 / Forge / ComfyUI load.
+
+    diffusers' ``convert_state_dict_to_kohya`` writes ``alpha = rank``; the real ``lora_alpha`` from the file's
+    adapter metadata is written instead, so that the scale alpha/rank is preserved.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+
+    sd, metadata = read_lora_file(path)
+    unet_sd = {k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")}
+    if len(unet_sd) != len(sd):
+        raise ModelLoadError(f"{path}: only UNet LoRAs can be exported (found text-encoder keys)")
+    peft_sd = convert_unet_state_dict_to_peft(unet_sd)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
+    metadata = metadata or {}
+    if metadata.get("alpha_pattern") or metadata.get("rank_pattern"):
+        raise ModelLoadError(
+            f"{path}: LoRAs with per-module alpha/rank patterns cannot be exported to kohya yet"
+        )
+    alpha = metadata.get("lora_alpha")
+    for key in list(kohya):
+        if key.endswith(".alpha"):
+            rank = kohya[key.replace(".alpha", ".lora_down.weight")].shape[0]
+            kohya[key] = torch.tensor(float(alpha if alpha is not None else rank))
+    return {k: v.contiguous() for k, v in kohya.items()}

@@ -1,0 +1,187 @@
+"""The candidate-pool sampler on tiny random-init SD-1.5 / SDXL models.
+
+Oracles: diffusers' DDIMScheduler (every recorded x_{t-1} must be a DDIM(η=1) sample from its recorded x_t),
+a forward hook counting UNet rows, and scorers whose preferences are known in advance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spo_standin import BrightnessScorer
+
+from spo.config import ModelConfig
+from spo.models.diffusion import DiffusionAdapter, PromptEmbeddings, load_pipeline
+from spo.sampling import CandidateSampler
+
+
+class PatternScorer:
+    """Scores candidate j of every pool with ``pattern[j]`` (so the winner/loser are known in advance)."""
+
+    def __init__(self, pattern: list[float]):
+        self.pattern = torch.tensor(pattern)
+        self.calls: list[list[int]] = []
+
+    def encode_text(self, prompts):
+        return torch.zeros(len(prompts), 1)
+
+    def score_with_text(self, images, text_embeds, timesteps):
+        self.calls.append(torch.as_tensor(timesteps).tolist())
+        return self.pattern.repeat(images.shape[0] // len(self.pattern))
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models_root):
+    out = {}
+    for arch, folder in (("sd15", "base"), ("sdxl", "base_sdxl")):
+        cfg = ModelConfig(
+            arch=arch, pretrained=str(tiny_models_root / "models" / folder), resolution=32, dtype="fp32"
+        )
+        out[arch] = DiffusionAdapter(load_pipeline(cfg), 32)
+    return out
+
+
+def _sampler(adapter, scorer, **kw):
+    args = dict(
+        num_steps=6,
+        num_candidates=4,
+        divert_start_step=2,
+        threshold=0.3,
+        kappa=750,
+        eta=1.0,
+        cfg_scale=5.0,
+        num_inner_steps=1,
+    )
+    args.update(kw)
+    return CandidateSampler(adapter, scorer, **args)
+
+
+def _count_unet_rows(unet):
+    rows = []
+    handle = unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    return rows, handle
+
+
+def _check_ddim_transition(adapter, xt, t, prev, prompts_cond, cfg_scale=5.0):
+    """x_{t-1} - μ(x_t) must look like σ_t·N(0, I) under diffusers' own DDIM step."""
+    sched = adapter.scheduler
+    _, uncond = adapter.encode_prompts([""] * xt.shape[0])
+    with torch.no_grad():
+        eps = adapter.predict_noise(xt, t, prompts_cond, uncond, cfg_scale)
+    for i in range(xt.shape[0]):
+        ti = int(t[i])
+        mean = sched.step(
+            eps[i : i + 1], ti, xt[i : i + 1], eta=1.0, variance_noise=torch.zeros_like(xt[i : i + 1])
+        ).prev_sample
+        std = float(sched._get_variance(ti, ti - 1000 // sched.num_inference_steps)) ** 0.5
+        z = (prev[i : i + 1] - mean) / std
+        assert 0.6 < z.var().item() < 1.5, (
+            f"pair {i}: residual variance {z.var().item():.3f} is not DDIM noise"
+        )
+        assert abs(z.mean().item()) < 0.35
+
+
+def test_candidate_pool_pairs_counts_and_transitions(adapters):
+    adapter = adapters["sd15"]
+    scorer = PatternScorer([0.0, 5.0, 1.0, 3.0])  # candidate 1 always wins, candidate 0 always loses
+    sampler = _sampler(adapter, scorer)
+    prompts = ["a red circle", "a blue square", "a green star"]
+    b, k, n, d = len(prompts), 4, 6, 2
+    rows, handle = _count_unet_rows(adapter.unet)
+    try:
+        pairs, stats = sampler.sample(prompts, torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+
+    # UNet rows: plain steps on B latents (CFG x2), then one scoring call on B*k per branching step
+    # except the last (the final x_0 is decoded directly); that call doubles as the next step's prediction.
+    assert sum(rows) == stats.unet_samples == 2 * b * (d + 1) + 2 * b * k * (n - d - 1)
+    ts = [int(t) for t in adapter.scheduler.timesteps]
+    assert scorer.calls == [[t] * (b * k) for t in ts[d + 1 :]] + [[0] * (b * k)]
+    assert stats.comparisons == stats.comparisons_kept == b * (n - d) == len(pairs) == stats.pairs_kept
+    assert stats.candidates_scored == b * k * (n - d)
+    assert sorted(pairs.timesteps.tolist()) == sorted(t for t in ts[d:] for _ in range(b))
+    assert pairs.shared.all() and torch.equal(pairs.xt_win, pairs.xt_lose)
+    assert not torch.allclose(pairs.prev_win, pairs.prev_lose)
+
+    cond, _ = adapter.encode_prompts(prompts)
+    assert torch.equal(pairs.embeds, cond.embeds.repeat(n - d, 1, 1))
+    _check_ddim_transition(
+        adapter, pairs.xt_win, pairs.timesteps, pairs.prev_win, PromptEmbeddings.cat([cond] * (n - d))
+    )
+    _check_ddim_transition(
+        adapter, pairs.xt_lose, pairs.timesteps, pairs.prev_lose, PromptEmbeddings.cat([cond] * (n - d))
+    )
+
+    # Continuation: x_t of the next branching step is one of the previous step's candidates, drawn at
+    # random, so it is neither always the winner nor always the loser.
+    nxt = pairs.xt_win[b:]
+    from_win = (nxt == pairs.prev_win[:-b]).flatten(1).all(1)
+    from_lose = (nxt == pairs.prev_lose[:-b]).flatten(1).all(1)
+    assert not from_win.all() and not (from_win & from_lose).any()
+    # Final images are scored at t=0; the trajectory ends on a random candidate of the last pool.
+    assert len(stats.final_scores) == b and set(stats.final_scores.tolist()) <= {0.0, 5.0, 1.0, 3.0}
+
+
+def test_threshold_filters_undecided_pools(adapters):
+    scorer = PatternScorer([0.0, 0.1, 0.05, 0.02])  # softmax gap tanh(0.05) ≈ 0.05 < 0.3
+    pairs, stats = _sampler(adapters["sd15"], scorer).sample(
+        ["a red circle"] * 2, torch.Generator().manual_seed(1)
+    )
+    assert pairs is None and stats.comparisons == 2 * 4 and stats.comparisons_kept == 0
+    assert stats.kept_fraction == 0.0
+
+
+def test_kappa_limits_branching_and_training_timesteps(adapters):
+    adapter = adapters["sd15"]
+    scorer = PatternScorer([0.0, 5.0, 1.0, 3.0])
+    sampler = _sampler(adapter, scorer, num_steps=10, divert_start_step=1, kappa=400)
+    pairs, stats = sampler.sample(["a red circle"] * 2, torch.Generator().manual_seed(2))
+    ts = [int(t) for t in adapter.scheduler.timesteps]  # 901, 801, ..., 1
+    eligible = [t for t in ts[1:] if t - 1 <= 400]
+    assert eligible == [401, 301, 201, 101, 1]
+    assert stats.comparisons == 2 * len(eligible)
+    assert sorted(set(pairs.timesteps.tolist())) == sorted(eligible)
+
+
+def test_mspo_inner_steps_on_sdxl(adapters):
+    adapter = adapters["sdxl"]
+    scorer = PatternScorer([0.0, 5.0])  # k = 2
+    sampler = _sampler(adapter, scorer, num_candidates=2, num_steps=7, divert_start_step=1, num_inner_steps=3)
+    prompts = ["a red circle", "a blue square"]
+    pairs, stats = sampler.sample(prompts, torch.Generator().manual_seed(3))
+    ts = [int(t) for t in adapter.scheduler.timesteps]
+    # Chains: steps 1-3 (branch at ts[1], inner ts[2], ts[3]) and 4-6: 2 comparisons x 3 transitions per prompt.
+    assert stats.comparisons == 2 * 2 and len(pairs) == 2 * 2 * 3
+    assert scorer.calls == [[ts[4]] * 4, [0] * 4]
+    shared = pairs.shared
+    assert sorted(pairs.timesteps[shared].tolist()) == sorted([ts[1]] * 2 + [ts[4]] * 2)
+    assert sorted(pairs.timesteps[~shared].tolist()) == sorted([ts[2], ts[3], ts[5], ts[6]] * 2)
+    assert torch.equal(pairs.xt_win[shared], pairs.xt_lose[shared])
+    assert not torch.allclose(pairs.xt_win[~shared], pairs.xt_lose[~shared])  # two different chains
+    assert pairs.pooled is not None and pairs.pooled.shape[0] == len(pairs)
+    cond, _ = adapter.encode_prompts(prompts)
+    order = pairs.embeds.shape[0] // len(prompts)
+    cond_rep = PromptEmbeddings.cat(
+        [cond] * order
+    )  # pairs are stored per transition, prompts in order within each
+    _check_ddim_transition(adapter, pairs.xt_lose, pairs.timesteps, pairs.prev_lose, cond_rep)
+    _check_ddim_transition(adapter, pairs.xt_win, pairs.timesteps, pairs.prev_win, cond_rep)
+
+
+def test_sampling_is_reproducible_from_the_generator(adapters):
+    sampler = _sampler(
+        adapters["sd15"],
+        BrightnessScorer(),
+        num_candidates=2,
+        num_steps=4,
+        divert_start_step=1,
+        threshold=0.0,
+    )
+    a, _ = sampler.sample(["a red circle"] * 2, torch.Generator().manual_seed(7))
+    b, _ = sampler.sample(["a red circle"] * 2, torch.Generator().manual_seed(7))
+    c, _ = sampler.sample(["a red circle"] * 2, torch.Generator().manual_seed(8))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert not torch.equal(a.prev_win, c.prev_win)
