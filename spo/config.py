@@ -169,11 +169,13 @@ class BaseTrainConfig(Section):
     """Pretraining of the tiny base model and tiny CLIP (tiny preset only)."""
 
     seed: int = 0
-    vae_steps: int = Field(600, ge=0)
-    unet_steps: int = Field(1500, ge=0)
-    clip_steps: int = Field(400, ge=0)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    vae_steps: int = Field(1200, ge=0)
+    vae_batch_size: int = Field(16, ge=1)
+    vae_lr: float = Field(1.5e-3, gt=0)
+    unet_steps: int = Field(1000, ge=0)
+    clip_steps: int = Field(300, ge=0)
+    batch_size: int = Field(32, ge=1)  # UNet and CLIP
+    lr: float = Field(1e-3, gt=0)  # UNet and CLIP
     num_images: int = Field(2000, ge=1)
     sample_steps: int = Field(20, ge=1)
 

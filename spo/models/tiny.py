@@ -33,23 +33,32 @@ def build_tiny_tokenizer(words: Iterable[str] = (), model_max_length: int = 32):
 
     chars = list(bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
     seen = set(vocab_list)
+    ranks: dict[tuple[str, str], int] = {}
     all_words = sorted({w for chunk in (*DEFAULT_WORDS, *words) for w in chunk.lower().split()})
     for word in all_words:
-        # Merge left to right: "red</w>" = ("r","e") -> "re", ("re","d</w>") -> "red</w>".
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            merged = current + nxt
-            if merged not in seen:
-                merges.append((current, nxt))
-                vocab_list.append(merged)
-                seen.add(merged)
-            current = merged
+        # Add merges until BPE (with every merge so far) turns the word into one token. A merge appended
+        # later has a higher rank, so it never changes how an earlier word is merged.
+        while len(pieces := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            if pieces[0] + pieces[1] not in seen:
+                vocab_list.append(pieces[0] + pieces[1])
+                seen.add(pieces[0] + pieces[1])
+    merges = sorted(ranks, key=ranks.get)
     vocab_list += [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merging as the BPE tokenizer does it: repeatedly join the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        ranked = [(ranks.get(pair, len(ranks) + 1), i) for i, pair in enumerate(zip(pieces, pieces[1:], strict=False))]
+        rank, i = min(ranked)
+        if rank > len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
 
 
 def tiny_text_config(tokenizer, hidden_size: int = 64, layers: int = 3, projection_dim: int = 64):
@@ -72,11 +81,15 @@ def tiny_text_config(tokenizer, hidden_size: int = 64, layers: int = 3, projecti
 
 
 def tiny_vae(latent_channels: int = 4, down_levels: int = 3):
-    """AutoencoderKL with factor 2**(down_levels-1) (4 by default: 32 px images -> 8x8 latents)."""
+    """AutoencoderKL with factor 2**(down_levels-1) (4 by default: 32 px images -> 8x8 latents).
+
+    The posterior's log-variance starts at -6 (std 0.05) instead of 0: with unit noise on fresh latents a
+    from-scratch VAE spends most of a CPU-minute budget learning to ignore it.
+    """
     from diffusers import AutoencoderKL
 
     channels = [16, 32, 32, 32][:down_levels]
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * down_levels,
@@ -87,6 +100,9 @@ def tiny_vae(latent_channels: int = 4, down_levels: int = 3):
         norm_num_groups=8,
         sample_size=32,
     )
+    with torch.no_grad():
+        vae.quant_conv.bias[latent_channels:] = -6.0
+    return vae
 
 
 def tiny_unet(cross_attention_dim: int = 64, sample_size: int = 8, sdxl: bool = False, pooled_dim: int = 64):
@@ -131,19 +147,23 @@ def tiny_scheduler():
     )
 
 
-def build_tiny_sd15(words: Iterable[str] = (), seed: int = 0, text_hidden: int = 64):
-    """A random-init StableDiffusionPipeline of the SD-1.5 architecture (32 px images, 8x8 latents)."""
+def build_tiny_sd15(words: Iterable[str] = (), seed: int = 0, text_encoder=None, tokenizer=None):
+    """A random-init StableDiffusionPipeline of the SD-1.5 architecture (32 px images, 8x8 latents).
+
+    ``text_encoder``/``tokenizer`` default to random ones; ``spo base`` passes a trained CLIP's text tower,
+    as SD-1.5 uses CLIP ViT-L's.
+    """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer(words)
-    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, hidden_size=text_hidden))
+    tokenizer = tokenizer or build_tiny_tokenizer(words)
+    text_encoder = text_encoder or CLIPTextModel(tiny_text_config(tokenizer, hidden_size=64))
     return StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=tiny_unet(cross_attention_dim=text_hidden),
+        unet=tiny_unet(cross_attention_dim=text_encoder.config.hidden_size),
         scheduler=tiny_scheduler(),
         safety_checker=None,
         feature_extractor=None,

@@ -4,11 +4,13 @@ Real presets load ``model.pretrained`` (a hub id); the tiny preset has no hub, s
 random init and in a few CPU minutes, a tiny model of the *real* SD-1.5 architecture on the synthetic
 Pick-a-Pic images and captions:
 
-1. the VAE (AutoencoderKL) as a plain autoencoder (L1 + a small KL), then its ``scaling_factor`` set so
+1. the VAE (AutoencoderKL) as an autoencoder (L1 + L2 + a small KL), then its ``scaling_factor`` set so
    latents have unit variance, as SD's 0.18215 does for SD's VAE;
-2. the UNet and the CLIP text encoder together with the standard ε-prediction loss, dropping 10 % of
-   captions so that classifier-free guidance works;
-3. a tiny CLIPModel, contrastively, as the SPM's initialisation and the tiny stand-in for PickScore.
+2. a tiny CLIPModel, contrastively: the SPM's initialisation, the tiny stand-in for PickScore, and -- as
+   CLIP ViT-L is for SD-1.5 -- the frozen text encoder of the diffusion model (a UNet conditions far
+   sooner on a contrastively trained text tower than on one learnt jointly from scratch);
+3. the UNet with the standard ε-prediction loss, dropping 10 % of captions so that classifier-free
+   guidance works.
 
 Everything is saved as ordinary folders (``models/base`` via ``save_pretrained``; ``models/base/clip``)
 and read back afterwards only through ``from_pretrained`` -- the same call the real presets use.
@@ -28,7 +30,15 @@ from tqdm.auto import tqdm
 
 from spo import tracking
 from spo.errors import SPOError
-from spo.utils import atomic_dir, atomic_write_json, get_logger, hash_tree, read_json, seed_everything
+from spo.utils import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    get_logger,
+    hash_tree,
+    read_json,
+    seed_everything,
+)
 
 log = get_logger(__name__)
 
@@ -49,33 +59,29 @@ def is_up_to_date(cfg) -> bool:
 
 def load_training_images(cfg, limit: int) -> tuple[torch.Tensor, list[str]]:
     """Decode up to ``limit`` images (both images of each train pair) with their captions, as [-1, 1]."""
+    import itertools
+
     import pyarrow.parquet as pq
-    from PIL import Image
+
+    from spo.data.pickapic import decode_image
 
     shards = sorted((cfg.paths.raw_data / "data").glob(f"{cfg.data.train_split}-*.parquet"))
     if not shards:
         raise SPOError(
             f"no training shards under {cfg.paths.raw_data / 'data'}; run `spo synth` first to generate the tiny world"
         )
-    size = cfg.model.resolution
-    images, captions = [], []
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(columns=["caption", "jpg_0", "jpg_1"], batch_size=1024):
-            for caption, jpg_0, jpg_1 in zip(*(batch.column(c).to_pylist() for c in ("caption", "jpg_0", "jpg_1"))):
-                for jpg in (jpg_0, jpg_1):
-                    img = Image.open(io.BytesIO(jpg)).convert("RGB")
-                    if img.size != (size, size):
-                        img = img.resize((size, size), Image.BICUBIC)
-                    images.append(np.asarray(img))
-                    captions.append(caption)
-                    if len(images) >= limit:
-                        break
-                if len(images) >= limit:
-                    break
-            if len(images) >= limit:
-                break
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, captions
+
+    def images_with_captions():
+        for shard in shards:
+            for batch in pq.ParquetFile(shard).iter_batches(columns=["caption", "jpg_0", "jpg_1"], batch_size=1024):
+                rows = zip(*(batch.column(c).to_pylist() for c in ("caption", "jpg_0", "jpg_1")), strict=True)
+                for caption, jpg_0, jpg_1 in rows:
+                    yield jpg_0, caption
+                    yield jpg_1, caption
+
+    pairs = list(itertools.islice(images_with_captions(), limit))
+    pixels = torch.stack([decode_image(jpg, cfg.model.resolution) for jpg, _ in pairs])
+    return pixels, [caption for _, caption in pairs]
 
 
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -115,18 +121,16 @@ def _train_loop(name: str, params, steps: int, lr: float, loss_fn, batch_indices
 
 
 def train_vae(vae, pixels: torch.Tensor, cfg, gen: torch.Generator) -> float:
-    bs = cfg.base.batch_size
-
     def loss_fn(idx):
         x = pixels[idx]
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(gen)).sample
         kl = dist.kl().mean() / x[0].numel()
-        return F.l1_loss(recon, x) + 1e-3 * kl
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
 
     vae.train()
-    loss = _train_loop("vae", vae.parameters(), cfg.base.vae_steps, cfg.base.lr, loss_fn,
-                       _batches(len(pixels), bs, cfg.base.vae_steps, gen))
+    loss = _train_loop("vae", vae.parameters(), cfg.base.vae_steps, cfg.base.vae_lr, loss_fn,
+                       _batches(len(pixels), cfg.base.vae_batch_size, cfg.base.vae_steps, gen))
     vae.eval()
     with torch.no_grad():
         sample = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, min(len(pixels), 1024), 256)])
@@ -139,10 +143,11 @@ def train_unet(pipe, pixels: torch.Tensor, captions: list[str], cfg, gen: torch.
     scale = vae.config.scaling_factor
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)]) * scale
-    # Unique captions are tokenised once; "" is the unconditional prompt used by CFG.
-    vocab = sorted(set(captions)) + [""]
-    tokens = tokenizer(vocab, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids
+        # The text encoder is frozen, so each distinct caption is encoded once; "" is CFG's unconditional prompt.
+        vocab = sorted(set(captions)) + [""]
+        tokens = tokenizer(vocab, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+        text_states = torch.cat([text_encoder(tokens[i : i + 256])[0] for i in range(0, len(vocab), 256)])
     caption_ids = _index(vocab, captions)
     empty_id = len(vocab) - 1
     alphas = sched.alphas_cumprod
@@ -155,18 +160,23 @@ def train_unet(pipe, pixels: torch.Tensor, captions: list[str], cfg, gen: torch.
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ids = caption_ids[idx].clone()
         ids[torch.rand(len(idx), generator=gen) < 0.1] = empty_id
-        emb = text_encoder(tokens[ids])[0]
-        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        pred = unet(xt, t, encoder_hidden_states=text_states[ids]).sample
         return F.mse_loss(pred, noise)
 
     unet.train()
-    text_encoder.train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    loss = _train_loop("unet", params, cfg.base.unet_steps, cfg.base.lr, loss_fn,
+    loss = _train_loop("unet", unet.parameters(), cfg.base.unet_steps, cfg.base.lr, loss_fn,
                        _batches(len(latents), cfg.base.batch_size, cfg.base.unet_steps, gen))
     unet.eval()
-    text_encoder.eval()
     return loss
+
+
+def clip_text_encoder(clip):
+    """The CLIP's text tower as a standalone ``CLIPTextModel`` (what SD-1.5 pipelines hold)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    return text_encoder.requires_grad_(False).eval()
 
 
 def _index(vocab: list[str], items: list[str]) -> torch.Tensor:
@@ -210,7 +220,8 @@ def train_clip(model, processor, pixels: torch.Tensor, captions: list[str], cfg,
 
 
 def save_sample_grid(pipe, prompts: list[str], path: Path, cfg, per_prompt: int = 4) -> None:
-    from PIL import Image
+    """Rows of ``per_prompt`` samples (fixed seeds, CFG 5), each row labelled with its prompt."""
+    from PIL import Image, ImageDraw
 
     rows = []
     for i, prompt in enumerate(prompts):
@@ -220,12 +231,16 @@ def save_sample_grid(pipe, prompts: list[str], path: Path, cfg, per_prompt: int 
         rows.append(np.concatenate(list(out.images), axis=1))
     grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
     scale = max(1, 128 // cfg.model.resolution)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    cell = cfg.model.resolution * scale
+    samples = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    label_width = 420
+    canvas = Image.new("RGB", (label_width + samples.width, samples.height), "white")
+    canvas.paste(samples, (label_width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, prompt in enumerate(prompts):
+        draw.text((6, i * cell + cell // 2 - 6), prompt, fill="black")
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    from spo.utils import atomic_write_bytes
-
+    canvas.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -241,25 +256,25 @@ def run(cfg, force: bool = False) -> dict:
     from spo.data.synthetic import VOCABULARY
     from spo.models.tiny import build_tiny_clip, build_tiny_sd15
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     seed_everything(cfg.base.seed)
     gen = torch.Generator().manual_seed(cfg.base.seed)
     t0 = time.perf_counter()
     pixels, captions = load_training_images(cfg, cfg.base.num_images)
     log.info("base: %d training images, %d distinct captions", len(pixels), len(set(captions)))
 
-    pipe = build_tiny_sd15(words=VOCABULARY, seed=cfg.base.seed)
     timings, losses = {}, {}
+    clip, processor = build_tiny_clip(words=VOCABULARY, image_size=cfg.model.resolution, seed=cfg.base.seed)
+    t = time.perf_counter()
+    losses["clip"] = train_clip(clip, processor, pixels, captions, cfg, gen)
+    timings["clip_s"] = time.perf_counter() - t
+
+    pipe = build_tiny_sd15(seed=cfg.base.seed, text_encoder=clip_text_encoder(clip), tokenizer=processor.tokenizer)
     t = time.perf_counter()
     losses["vae"] = train_vae(pipe.vae, pixels, cfg, gen)
     timings["vae_s"] = time.perf_counter() - t
     t = time.perf_counter()
     losses["unet"] = train_unet(pipe, pixels, captions, cfg, gen)
     timings["unet_s"] = time.perf_counter() - t
-    clip, processor = build_tiny_clip(words=VOCABULARY, image_size=cfg.model.resolution, seed=cfg.base.seed)
-    t = time.perf_counter()
-    losses["clip"] = train_clip(clip, processor, pixels, captions, cfg, gen)
-    timings["clip_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     info = {
@@ -281,6 +296,7 @@ def run(cfg, force: bool = False) -> dict:
     saved = load_pipeline(cfg.model, cfg=cfg)
     prompts = sorted(set(captions))[:: max(1, len(set(captions)) // 6)][:6]
     save_sample_grid(saved, prompts, cfg.paths.reports / GRID_FILE, cfg)
+    info["grid_prompts"] = prompts
     atomic_write_json(cfg.paths.reports / "base_train.json", info)
     tracking.active().log_metrics({f"base/final_{k}_loss": v for k, v in losses.items()})
     tracking.active().log_artifact(cfg.paths.reports / GRID_FILE)
