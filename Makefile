@@ -37,7 +37,7 @@ bench: install
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf data/raw data/prepared data/eval_images models reports/eval checkpoints mlflow .prefect
+	rm -rf data/raw data/prepared data/eval_images models reports/eval reports/registry reports/pipeline_summary.json checkpoints mlflow .prefect dvc_plots
 
 # params.yaml is the resolved tiny preset (the DVC params file); regenerate after editing spo/presets/tiny.yaml.
 params: install

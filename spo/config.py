@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML, YAMLError
 
 from spo.errors import SPOError
 
@@ -428,11 +429,25 @@ class Config(Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _load_yaml(text: str) -> Any:
+    """YAML 1.2, as DVC reads and rewrites params.yaml: ``no`` stays a string and ``1e-4`` is a number
+    (YAML 1.1 readers such as PyYAML turn an unquoted ``no`` into False and ``1e-4`` into a string)."""
+    return _plain(YAML(typ="safe", pure=True).load(text))
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
 def preset_dict(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     text = resources.files("spo.presets").joinpath(f"{name}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
+    data = _load_yaml(text) or {}
     data["preset"] = name
     return data
 
@@ -455,15 +470,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
+        value = _load_yaml(raw) if raw.strip() else None
+    except YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
-    # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers are what people mean.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
     return key.split("."), value
 
 
@@ -497,8 +506,8 @@ def load_params_file(path: str | Path | None) -> dict[str, Any]:
     if not p.exists():
         return {}
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = _load_yaml(p.read_text()) or {}
+    except YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping of sections, not {type(data).__name__}")

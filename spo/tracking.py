@@ -1,18 +1,49 @@
-"""Experiment tracking behind one small interface; the only module that imports mlflow.
+"""Experiment tracking and the model registry: the only module that imports mlflow.
 
-Stages never import mlflow. They log through :func:`active`, which returns the tracker that the caller
-(the CLI or the Prefect flow) activated with :func:`use`, or a no-op tracker when none is active (unit
-tests, library use).
+Stages log through :func:`active` (a :class:`Tracker`), so the training core runs without any server. The
+CLI wraps every stage in :func:`stage_tracker`; the Prefect flow wraps the whole pipeline in
+:func:`pipeline_run`, under which each stage's run is nested.
+
+Store: ``MLFLOW_TRACKING_URI`` (or ``tracking.tracking_uri``), default ``sqlite:///<root>/mlflow/mlflow.db``
+with artifacts under ``<root>/mlflow/artifacts`` (MLflow's file store is deprecated, and with SQLite the
+artifact root would otherwise land in ``./mlruns`` of whatever directory created the experiment).
+
+Lineage: every run is tagged with the git commit and dirty flag, the base model id, and DVC md5 hashes
+(the same ``<md5>.dir`` strings as ``dvc.lock``) of its inputs; each stage run records the hash of its
+output (``spo.output_md5``), so a later stage finds the run that produced its inputs (``lineage.spm_run_id``
+on the SPO run) by content, whether the stages ran under Prefect, DVC or by hand.
+
+mlflow is imported inside functions so that ``spo --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import os
+import subprocess
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spo.errors import SPOError
+from spo.utils import get_logger
 
+log = get_logger(__name__)
+
+DEFAULT_DB = Path("mlflow") / "mlflow.db"
+DEFAULT_ARTIFACTS = Path("mlflow") / "artifacts"
+MODEL_ARTIFACT = "spo_lora"  # name of the pyfunc model inside a registration run
+CHALLENGER, CHAMPION, PREVIOUS_CHAMPION = "challenger", "champion", "previous-champion"
+
+
+class TrackingError(SPOError):
+    """The tracking store or model registry could not be used."""
+
+
+# -- the interface stages log through -------------------------------------------------------------------
 class Tracker:
     """No-op base tracker: the interface stages log through."""
 
@@ -33,6 +64,9 @@ class Tracker:
     def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
         pass
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
 
 _ACTIVE: list[Tracker] = []
 
@@ -50,7 +84,656 @@ def use(tracker: Tracker) -> Iterator[Tracker]:
         _ACTIVE.pop()
 
 
+class MlflowTracker(Tracker):
+    """Logs to one MLflow run by id (not the fluent "active run"), so it works from any thread.
+
+    Logging calls during training are best-effort: a hiccup of the tracking server is logged as a
+    warning instead of killing a multi-hour GPU job. Opening and closing runs is not best-effort.
+    """
+
+    def __init__(self, run_id: str):
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self._client = MlflowClient()
+        self._params: dict[str, str] = {}
+
+    def _safely(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- tracking must not end the run; see class docstring
+            log.warning("MLflow %s failed for run %s: %s", what, self.run_id, exc)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        # MLflow refuses to change a logged param (and then drops the whole batch): keep the first value.
+        new = {str(k): _param_value(v) for k, v in params.items()}
+        clashes = sorted(k for k, v in new.items() if self._params.get(k, v) != v)
+        if clashes:
+            log.info("params already logged with other values, kept the first: %s", ", ".join(clashes))
+        items = [Param(k, v) for k, v in new.items() if k not in self._params]
+        self._params.update({p.key: p.value for p in items})
+        for i in range(0, len(items), 100):  # the store takes at most 100 params per batch
+            self._safely("log_params", self._client.log_batch, self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(str(k), float(v), now, int(step or 0)) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self._safely("log_metrics", self._client.log_batch, self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None]
+        self._safely("set_tags", self._client.log_batch, self.run_id, tags=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._safely("log_artifacts", self._client.log_artifacts, self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self._safely("log_artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
+        else:
+            log.warning("not logging missing artifact %s", path)
+
+    def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
+        self._safely("log_dict", self._client.log_dict, self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._safely("log_text", self._client.log_text, self.run_id, text, artifact_file)
+
+
+def _param_value(v: Any) -> str:
+    s = "" if v is None else str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."  # MLflow's limit on a param value
+
+
+# -- the store ---------------------------------------------------------------------------------------
+def tracking_uri(cfg: Any | None = None) -> str:
+    """``tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<root>/mlflow/mlflow.db``."""
+    if cfg is not None and cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(cfg.paths.root) if cfg is not None else Path(".")
+    return f"sqlite:///{(root / DEFAULT_DB).resolve()}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local SQLite store; a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :])
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def init_store(cfg: Any | None = None) -> str:
+    """Point mlflow at the store, create its schema and the experiment once; return the experiment id.
+
+    Run this once before stages fan out: concurrent first-time schema creation on one SQLite file races.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = cfg.tracking.experiment if cfg is not None else "spo"
+    client = MlflowClient()
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            exp_id = client.create_experiment(name, artifact_location=_artifact_location(uri))
+        else:
+            exp_id = exp.experiment_id
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot open the MLflow tracking store {uri!r}: {exc}. Check MLFLOW_TRACKING_URI (or "
+            "tracking.tracking_uri), that the server is up, or disable tracking with --set tracking.enabled=false."
+        ) from exc
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def ui_command(cfg: Any | None = None) -> str:
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def run_url(run_id: str, experiment_id: str, cfg: Any | None = None) -> str:
+    """Link to a run: the server's own address, or the one `mlflow ui` serves by default."""
+    uri = tracking_uri(cfg)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+# -- lineage -----------------------------------------------------------------------------------------
+def dvc_md5(path: str | Path) -> str | None:
+    """The hash DVC records for ``path`` in dvc.lock (``<md5>.dir`` for folders); None if it is missing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    staging = HashFileDB(MemoryFileSystem(), "/staging")
+    _, _, obj = build(staging, str(path.resolve()), LocalFileSystem(), "md5")
+    return obj.hash_info.value
+
+
+def git_state(root: str | Path) -> dict[str, str]:
+    """``git.commit`` and ``git.dirty`` (tracked files modified) of the checkout holding ``root``."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "none", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
+
+
+@dataclass(frozen=True)
+class _Product:
+    """What a stage produces (its lineage output) and the tag under which consumers record it."""
+
+    stage: str
+    path: str  # attribute of cfg.paths
+    tag: str  # lineage.<tag>_md5 / lineage.<tag>_run_id on the runs that consume it
+
+
+PRODUCTS = {
+    "synth": _Product("synth", "raw_data", "raw_data"),
+    "base": _Product("base", "base_model", "base"),
+    "prepare": _Product("prepare", "prepared", "data_prepared"),
+    "train_spm": _Product("train_spm", "spm_model", "spm"),
+    "train_spo": _Product("train_spo", "lora", "lora"),
+    "evaluate": _Product("evaluate", "eval_reports", "eval"),
+}
+# The upstream products a stage's run is tagged with (hash + the run that produced it).
+CONSUMES = {
+    "base": ("synth",),
+    "prepare": ("synth",),
+    "train_spm": ("prepare",),
+    "train_spo": ("prepare", "train_spm"),
+    "evaluate": ("prepare", "train_spm", "train_spo"),
+    "register": ("prepare", "train_spm", "train_spo", "evaluate"),
+    "pipeline": ("prepare", "train_spm", "train_spo", "evaluate"),
+}
+
+
+def local_model_dir(cfg: Any, ref: str) -> Path | None:
+    """The local folder a model reference names (resolved as the stages resolve it), or None for a hub id."""
+    resolved = cfg.resolve_ref(ref)
+    return Path(resolved).resolve() if resolved and Path(resolved).exists() else None
+
+
+def product_path(cfg: Any, stage: str) -> Path:
+    return Path(getattr(cfg.paths, PRODUCTS[stage].path))
+
+
+def find_producer(stage: str, md5: str) -> str | None:
+    """The latest finished run of ``stage`` whose output hashed to ``md5``."""
+    from mlflow import MlflowClient
+
+    exp_ids = [e.experiment_id for e in MlflowClient().search_experiments()]
+    runs = MlflowClient().search_runs(
+        exp_ids,
+        filter_string=f"tags.`spo.stage` = '{stage}' and tags.`spo.output_md5` = '{md5}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def lineage_tags(cfg: Any, stage: str, upstream: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Tags recording what a run of ``stage`` was built from (see module docstring); ``upstream`` defaults
+    to the products the stage consumes."""
+    tags = {"spo.preset": cfg.preset, "spo.stage": stage, **git_state(cfg.paths.root)}
+    local = local_model_dir(cfg, cfg.model.pretrained)
+    tags["lineage.base_model"] = str(local) if local else str(cfg.model.pretrained)
+    if cfg.model.revision:
+        tags["lineage.base_model_revision"] = cfg.model.revision
+    if local:
+        tags["lineage.base_model_md5"] = dvc_md5(local) or ""
+    for product in CONSUMES.get(stage, ()) if upstream is None else upstream:
+        md5 = dvc_md5(product_path(cfg, product))
+        if md5 is None:
+            continue
+        tag = PRODUCTS[product].tag
+        tags[f"lineage.{tag}_md5"] = md5
+        producer = find_producer(product, md5) if cfg.tracking.enabled else None
+        if producer:
+            tags[f"lineage.{tag}_run_id"] = producer
+    return tags
+
+
+# -- runs --------------------------------------------------------------------------------------------
+_PIPELINE_RUN: list[str] = []  # the parent run id while a pipeline runs in this process
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch`, only rank 0 opens runs (the other ranks would duplicate them)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def _run(
+    cfg: Any, name: str, tags: dict[str, str], parent: str | None, system_metrics: bool
+) -> Iterator[Tracker]:
+    import mlflow
+
+    exp_id = init_store(cfg)
+    run = mlflow.start_run(
+        experiment_id=exp_id,
+        run_name=name,
+        nested=parent is not None,
+        parent_run_id=parent,
+        tags=tags,
+        log_system_metrics=system_metrics and cfg.tracking.log_system_metrics,
+    )
+    tracker = MlflowTracker(run.info.run_id)
+    try:
+        with use(tracker):
+            yield tracker
+    except BaseException as exc:
+        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
 @contextlib.contextmanager
 def stage_tracker(cfg: Any, stage: str) -> Iterator[Tracker]:
-    """The tracker a CLI stage logs to (MLflow wiring lands with the orchestration work)."""
-    yield active()
+    """The tracker a stage logs to: an MLflow run named after the stage, nested under the pipeline's run
+    when one is active, standalone otherwise (``spo train`` by hand, or under ``dvc repro``).
+
+    Params are the resolved config; the resolved config is also an artifact. On success the run is tagged
+    with the hash of the stage's output and the stage's reports are attached.
+    """
+    if not cfg.tracking.enabled or not _is_main_process():
+        yield active()
+        return
+    parent = _PIPELINE_RUN[-1] if _PIPELINE_RUN else os.environ.get("SPO_PARENT_RUN_ID") or None
+    init_store(cfg)  # before lineage_tags, which searches the store for the runs that made the inputs
+    with _run(cfg, stage, lineage_tags(cfg, stage), parent, system_metrics=True) as tracker:
+        tracker.log_params(cfg.flat())
+        tracker.log_dict(cfg.to_dict(), "config/resolved_config.json")
+        yield tracker
+        if stage in PRODUCTS:
+            tracker.set_tags({"spo.output_md5": dvc_md5(product_path(cfg, stage))})
+        for path, dest in stage_reports(cfg, stage):
+            tracker.log_artifact(path, dest)
+
+
+def stage_reports(cfg: Any, stage: str) -> list[tuple[Path, str]]:
+    """Report files a stage's run carries as artifacts (those that exist), besides what the stage logs
+    itself: the data card and the Great Expectations Data Docs, the SPM's reports, the per-image scores."""
+    p = cfg.paths
+    reports = {
+        "prepare": [
+            (p.prepared / "data_card.json", "data"),
+            (p.reports / "data_validation", "data_validation"),
+        ],
+        "train_spm": [
+            (p.reports / name, "spm")
+            for name in ("spm_metrics.json", "spm_accuracy.csv", "spm_accuracy.png", "spm_train_curves.csv")
+        ],
+        "evaluate": [(p.eval_reports / "per_image.parquet", "eval")],
+    }.get(stage, [])
+    return [(Path(path), dest) for path, dest in reports if Path(path).exists()]
+
+
+@contextlib.contextmanager
+def pipeline_run(
+    cfg: Any, run_name: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[Tracker]:
+    """The parent run of one pipeline execution; stage runs opened inside nest under it."""
+    if not cfg.tracking.enabled:
+        yield active()
+        return
+    init_store(cfg)
+    # Products are hashed at the end, when this run has made them; at the start only code and base are known.
+    all_tags = {**lineage_tags(cfg, "pipeline", upstream=()), **(tags or {})}
+    with _run(cfg, run_name or f"pipeline-{cfg.preset}", all_tags, None, system_metrics=False) as tracker:
+        tracker.log_params(cfg.flat())
+        tracker.log_dict(cfg.to_dict(), "config/resolved_config.json")
+        _PIPELINE_RUN.append(tracker.run_id)
+        try:
+            yield tracker
+        finally:
+            _PIPELINE_RUN.pop()
+        tracker.set_tags({k: v for k, v in lineage_tags(cfg, "pipeline").items() if k.startswith("lineage.")})
+
+
+def pipeline_run_id() -> str | None:
+    """The parent run of the pipeline running in this process, if any."""
+    return _PIPELINE_RUN[-1] if _PIPELINE_RUN else None
+
+
+def experiment_id_of(run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id).info.experiment_id
+
+
+def get_run(run_id: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id)
+
+
+def child_runs(parent_run_id: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+# -- the model registry ------------------------------------------------------------------------------
+@dataclass
+class VersionInfo:
+    name: str
+    version: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    run_id: str | None = None
+
+
+def _version_info(mv) -> VersionInfo:
+    return VersionInfo(mv.name, str(mv.version), dict(mv.tags or {}), list(mv.aliases or []), mv.run_id)
+
+
+def get_version(name: str, alias_or_version: str) -> VersionInfo | None:
+    """A version by alias (``champion``) or number; None if the model, alias or version does not exist."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        if str(alias_or_version).isdigit():
+            return _version_info(client.get_model_version(name, str(alias_or_version)))
+        return _version_info(client.get_model_version_by_alias(name, alias_or_version))
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+
+
+def _is_not_found(exc) -> bool:
+    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower()
+
+
+def list_versions(name: str) -> list[VersionInfo]:
+    """All versions of ``name``, oldest first, with their aliases ([] if the model does not exist)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if not _model_exists(name):
+        return []
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    versions = [_version_info(v) for v in client.search_model_versions(f"name = '{name}'")]
+    for v in versions:
+        v.aliases = sorted(aliases.get(v.version, []))  # search results do not carry aliases
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def find_version(name: str, tag: str, value: str) -> VersionInfo | None:
+    """The oldest version of ``name`` whose ``tag`` equals ``value`` (e.g. the same LoRA content hash)."""
+    matches = [v for v in list_versions(name) if v.tags.get(tag) == value]
+    return matches[0] if matches else None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
+def delete_version(name: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().delete_model_version(name, str(version))
+
+
+def pip_requirements() -> list[str]:
+    """Pins for the serving environment, taken from this one (local build labels such as +cpu dropped)."""
+    pkgs = [
+        "mlflow",
+        "torch",
+        "diffusers",
+        "transformers",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "numpy",
+        "pillow",
+    ]
+    reqs = []
+    for pkg in pkgs:
+        try:
+            reqs.append(f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def _pyfunc_class():
+    """The pyfunc wrapper class. Built inside a function so cloudpickle stores it by value: the logged
+    model then loads with torch + diffusers alone, without this package installed."""
+    import mlflow.pyfunc
+
+    class SPOLoraModel(mlflow.pyfunc.PythonModel):
+        """``predict(prompts) -> list of HxWx3 uint8 images`` from the base model with the SPO LoRA."""
+
+        def load_context(self, context):
+            import torch
+            from diffusers import (
+                AutoencoderKL,
+                DDIMScheduler,
+                StableDiffusionPipeline,
+                StableDiffusionXLPipeline,
+            )
+
+            cfg = context.model_config
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg["dtype"], torch.float32)
+            dtype = dtype if device == "cuda" else torch.float32
+            cls = StableDiffusionXLPipeline if cfg["arch"] == "sdxl" else StableDiffusionPipeline
+            kwargs = {"dtype": dtype}
+            if cfg["arch"] == "sd15":
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+            if cfg.get("revision"):
+                kwargs["revision"] = cfg["revision"]
+            if cfg.get("vae"):
+                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg["vae"], dtype=dtype)
+            pipe = cls.from_pretrained(context.artifacts.get("base") or cfg["pretrained"], **kwargs)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.load_lora_weights(context.artifacts["lora"], adapter_name="spo")
+            pipe.set_progress_bar_config(disable=True)
+            self.pipe = pipe.to(device)
+            self.cfg = cfg
+
+        def predict(self, context, model_input, params=None):
+            import torch
+
+            # No type hints on purpose: with them MLflow would run a full generation at registration to
+            # infer the output schema. The explicit signature hands prompts over as a one-column frame.
+            prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+            params = {**self.cfg["defaults"], **(params or {})}
+            generator = torch.Generator(device="cpu").manual_seed(int(params["seed"]))
+            out = self.pipe(
+                [str(p) for p in prompts],
+                num_inference_steps=int(params["num_inference_steps"]),
+                guidance_scale=float(params["guidance_scale"]),
+                eta=float(params["eta"]),
+                height=self.cfg["resolution"],
+                width=self.cfg["resolution"],
+                generator=generator,
+                output_type="np",
+            )
+            return list((out.images * 255).round().clip(0, 255).astype("uint8"))
+
+    return SPOLoraModel
+
+
+def log_lora_model(
+    cfg: Any,
+    lora_dir: Path,
+    extra_artifacts: dict[str, Path],
+    version_tags: dict[str, str],
+    description: str,
+) -> VersionInfo:
+    """Log the LoRA as a pyfunc model into the active run (or a new one) and register it as a new
+    version of ``cfg.registered_model_name``; returns the version (tags set, no alias yet).
+
+    If anything after the version's creation fails, the version is deleted again: the registry is left
+    as it was.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    defaults = {
+        "seed": 0,
+        "num_inference_steps": cfg.eval.num_steps,
+        "guidance_scale": float(cfg.eval.cfg_scale),
+        "eta": float(cfg.eval.eta),
+    }
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("seed", "long", 0),
+                ParamSpec("num_inference_steps", "long", cfg.eval.num_steps),
+                ParamSpec("guidance_scale", "double", float(cfg.eval.cfg_scale)),
+                ParamSpec("eta", "double", float(cfg.eval.eta)),
+            ]
+        ),
+    )
+    base_local = local_model_dir(cfg, cfg.model.pretrained)
+    artifacts = {"lora": str(lora_dir), **{k: str(v) for k, v in extra_artifacts.items()}}
+    if base_local and cfg.registry.bundle_base:
+        artifacts["base"] = str(base_local)
+    model_config = {
+        "arch": cfg.model.arch,
+        "pretrained": str(base_local or cfg.model.pretrained),
+        "revision": cfg.model.revision,
+        "vae": cfg.model.vae,
+        "dtype": cfg.model.dtype,
+        "resolution": cfg.eval_resolution,
+        "defaults": defaults,
+    }
+    name = cfg.registered_model_name
+    init_store(cfg)
+    started = mlflow.active_run() is None
+    if started:
+        mlflow.start_run(run_name="register", tags=lineage_tags(cfg, "register"))
+    version = None
+    try:
+        with warnings.catch_warnings():
+            # Deliberate: no input example, logging would run a generation (as type hints would, see
+            # predict; mlflow's "add type hints" warning cannot be silenced from here).
+            warnings.filterwarnings("ignore", message=".*input example.*")
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=_pyfunc_class()(),
+                artifacts=artifacts,
+                model_config=model_config,
+                signature=signature,
+                pip_requirements=pip_requirements(),
+                registered_model_name=name,
+            )
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        client.update_model_version(name, version, description=description)
+        set_version_tags(name, version, version_tags)
+        result = get_version(name, version)
+    except BaseException:
+        if version is not None:
+            log.warning("registration of %s v%s failed half-way; deleting that version", name, version)
+            with contextlib.suppress(Exception):
+                delete_version(name, version)
+        if started:
+            mlflow.end_run(status="FAILED")
+        raise
+    if started:
+        mlflow.end_run()
+    assert result is not None
+    return result
+
+
+def resolve_lora_uri(uri: str, cfg: Any | None = None) -> Path:
+    """The local LoRA folder behind ``uri``: ``models:/name@alias`` or ``models:/name/<version>`` (downloaded
+    from the registry; local stores are read in place) or a local folder/file path."""
+    if not str(uri).startswith("models:/"):
+        path = Path(uri)
+        if not path.exists():
+            raise SPOError(f"LoRA not found at {path}. Pass a LoRA folder or a models:/<name>@<alias> URI.")
+        return path
+    import mlflow
+
+    init_store(cfg)
+    ref = str(uri)[len("models:/") :].strip("/")
+    name, alias_or_version = ref.split("@", 1) if "@" in ref else (ref.rsplit("/", 1) + [""])[:2]
+    if not name or not alias_or_version:
+        raise SPOError(f"cannot parse {uri!r}: use models:/<name>@<alias> or models:/<name>/<version>.")
+    mv = get_version(name, alias_or_version)
+    if mv is None:
+        known = (
+            ", ".join(f"v{v.version} {v.aliases}" for v in list_versions(name)) if _model_exists(name) else ""
+        )
+        raise SPOError(
+            f"no model version {uri!r} in the registry at {tracking_uri(cfg)}"
+            + (f" (versions: {known})" if known else f" (no registered model {name!r})")
+            + ". Run `spo register` (and `spo promote` for @champion), or check MLFLOW_TRACKING_URI."
+        )
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}/artifacts/lora")
+    return Path(local)
+
+
+def _model_exists(name: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def load_model(uri: str, cfg: Any | None = None):
+    """``mlflow.pyfunc.load_model`` against this project's store."""
+    import mlflow.pyfunc
+
+    init_store(cfg)
+    return mlflow.pyfunc.load_model(uri)

@@ -41,7 +41,7 @@ def run(
         raise SPOError(f"the output must be a .png file (got {output})")
 
     device = torch_device()
-    pipe = load_pipeline(cfg.model, device=device, dtype=torch_dtype(cfg.model.dtype, device))
+    pipe = load_pipeline(cfg.model, device=device, dtype=torch_dtype(cfg.model.dtype, device), cfg=cfg)
     lora_file = None
     if model is not None:
         lora_file = resolve_lora(model, cfg)

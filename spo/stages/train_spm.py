@@ -189,12 +189,6 @@ class TrainState:
     config_hash: str = ""
 
 
-def _under_root(cfg, ref: str) -> str:
-    """A relative local model path (the tiny preset's ``models/base``) is taken relative to ``paths.root``."""
-    candidate = Path(cfg.paths.root) / ref
-    return str(candidate) if not Path(ref).is_absolute() and candidate.exists() else ref
-
-
 def _config_hash(cfg) -> str:
     return cfg.section_hash("model", "data", "spm")
 
@@ -224,8 +218,7 @@ def _streams(cfg):
 
 def _base_model(cfg, device):
     dtype = torch_dtype(cfg.model.dtype, str(device.type))
-    model_cfg = cfg.model.model_copy(update={"pretrained": _under_root(cfg, cfg.model.pretrained)})
-    pipe = load_pipeline(model_cfg, device=device, dtype=dtype)
+    pipe = load_pipeline(cfg.model, device=device, dtype=dtype, cfg=cfg)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)
         if module is not None:
@@ -481,14 +474,14 @@ def _train(cfg, resume: str | None, timer: SectionTimer) -> dict[str, Any]:
 
     adapter = _base_model(cfg, device)
     denoiser = PairDenoiser(adapter, spm_cfg.cfg_scale)
-    init, processor = _under_root(cfg, spm_cfg.init), _under_root(cfg, spm_cfg.processor)
+    init, processor = cfg.resolve_ref(spm_cfg.init), cfg.resolve_ref(spm_cfg.processor)
     model = TimeConditionedCLIP.from_clip(init, processor, spm_cfg.time_embed_dim)
     model.enable_gradient_checkpointing(spm_cfg.gradient_checkpointing)
     model.to(device).train()
     relabeller = None
     if spm_cfg.relabel:
         # A fresh TimeConditionedCLIP scores exactly like its source CLIP (PickScore for the SDXL recipe).
-        relabeller = TimeConditionedCLIP.from_clip(_under_root(cfg, spm_cfg.relabel_model), processor)
+        relabeller = TimeConditionedCLIP.from_clip(cfg.resolve_ref(spm_cfg.relabel_model), processor)
         relabeller.requires_grad_(False).eval().to(device)
 
     optimizer = torch.optim.AdamW(_param_groups(model, spm_cfg.weight_decay), lr=spm_cfg.lr)
@@ -752,8 +745,8 @@ def _import_pretrained(cfg) -> dict[str, Any]:
     seed_everything(cfg.spm.seed)
     _, val_stream = _streams(cfg)
     adapter = _base_model(cfg, device)
-    init, processor = _under_root(cfg, cfg.spm.init), _under_root(cfg, cfg.spm.processor)
-    source = "pretrained:" + _under_root(cfg, cfg.spm.source.removeprefix("pretrained:"))
+    init, processor = cfg.resolve_ref(cfg.spm.init), cfg.resolve_ref(cfg.spm.processor)
+    source = "pretrained:" + cfg.resolve_ref(cfg.spm.source.removeprefix("pretrained:"))
     model = load_spm(
         source,
         device=device,
@@ -768,7 +761,7 @@ def _import_pretrained(cfg) -> dict[str, Any]:
     if cfg.spm.relabel and cfg.spm.relabel_model == cfg.spm.init:
         relabeller = initial  # the SDXL recipe: PickScore is both the initialisation and the labeller
     elif cfg.spm.relabel:
-        relabeller = TimeConditionedCLIP.from_clip(_under_root(cfg, cfg.spm.relabel_model), processor)
+        relabeller = TimeConditionedCLIP.from_clip(cfg.resolve_ref(cfg.spm.relabel_model), processor)
         relabeller.requires_grad_(False).eval().to(device)
     validation = ValidationSet(
         val_stream,

@@ -60,6 +60,11 @@ def test_base_skips_when_up_to_date_and_for_real_presets(trained_base):
     assert (cfg.paths.base_model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
     real = load_config("sd15", [f"paths.root={cfg.paths.root}"], params_file=None)
     assert "only for the tiny preset" in base.run(real)["skipped"]
+    # An existing base folder is left alone; a missing one becomes a placeholder (dvc.yaml declares it).
+    assert (cfg.paths.base_model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    elsewhere = load_config("sd15", [f"paths.root={cfg.paths.root / 'real'}"], params_file=None)
+    base.run(elsewhere)
+    assert "only for the tiny preset" in (elsewhere.paths.base_model / "README.txt").read_text()
 
 
 def test_base_without_data_says_what_to_do(tmp_path):

@@ -115,3 +115,12 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["config", "--preset", "sd15", "--params", "/dev/null", "--set", "spo.lr=-3"]) == 2
     err = capsys.readouterr().err
     assert "spo.lr" in err and "greater than 0" in err
+
+
+def test_yaml_1_2_like_dvc(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml in YAML 1.2, unquoting strings such as 'no'; we read it the same way."""
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: tiny\nspm:\n  mixed_precision: no\nspo:\n  lr: 1e-4\n")
+    cfg = load_config(None, ["spo.mixed_precision=no"], params_file=params)
+    assert cfg.spm.mixed_precision == "no" and cfg.spo.mixed_precision == "no"
+    assert cfg.spo.lr == pytest.approx(1e-4)

@@ -1,0 +1,540 @@
+"""The Prefect flow: ``synth`` + ``base`` (tiny only) -> ``prepare`` -> ``train_spm`` -> ``train_spo`` ->
+``evaluate`` -> ``register`` -> ``promote``, one thin task per stage over ``spo.stages.<name>.run``.
+
+What the orchestration adds, and nothing else (stage logic lives in spo/stages):
+
+* **Caching** on the stage's inputs: the key hashes the config sections that shape the stage's output, the
+  content of its input files (``spo.utils.hash_tree``), the source of the ``spo`` package and the project
+  root, so an unchanged SPM is not retrained. A cached result also records the hash of the stage's
+  outputs; when those were deleted or changed since (a manual ``spo train``, ``make clean``), the stage
+  runs again instead of trusting the cache. Register and promote talk to the registry and never cache.
+* **Retries** with exponential backoff only for failures that can be transient (network, timeouts, a busy
+  tracking store); a :class:`~spo.errors.SPOError` -- bad data (``DataValidationError``), a missing model,
+  NaNs -- fails at once.
+* **Lineage**: one MLflow parent run per flow run, a nested run per stage (spo.tracking).
+* **Artifacts**: a markdown summary (data card, SPM accuracy by t, evaluation table with CIs, registry
+  decision, MLflow link) and table artifacts, on the flow run's Artifacts tab.
+
+Without ``PREFECT_API_URL`` the flow runs against Prefect's ephemeral local server; with it, against that
+server (``prefect server start`` or Prefect Cloud). ``spo pipeline`` calls :func:`run_pipeline_cli`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+import spo
+from spo import tracking
+from spo.config import DEFAULT_PARAMS_FILE, Config, load_config
+from spo.errors import DataValidationError, SPOError
+from spo.utils import atomic_write_json, hash_tree
+
+FLOW_NAME = "spo-pipeline"
+
+
+# -- the stages ----------------------------------------------------------------------------------------
+def _local_refs(cfg: Config, *refs: str | None) -> list[Path | str]:
+    """Model/data references as cache inputs: local folders by content, hub ids by name."""
+    out: list[Path | str] = []
+    for ref in refs:
+        if ref:
+            out.append(tracking.local_model_dir(cfg, ref) or ref)
+    return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage as the orchestrators see it (dvc.yaml declares the same deps/outs)."""
+
+    name: str  # module in spo.stages, MLflow run name, DVC stage name, Prefect task name
+    sections: tuple[str, ...]  # config sections that shape the output
+    inputs: Callable[[Config], list[Path | str]]
+    outputs: Callable[[Config], list[Path]]
+    retries: int = 0  # only ever used for transient failures (see is_transient)
+    tiny_only: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _reports(cfg: Config, *names: str) -> list[Path]:
+    return [Path(cfg.paths.reports) / n for n in names]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "synth",
+        ("synthetic",),
+        inputs=lambda c: [],
+        outputs=lambda c: [c.paths.raw_data],
+        tiny_only=True,
+    ),
+    Stage(
+        "base",
+        ("base", "synthetic", "model"),
+        inputs=lambda c: [c.paths.raw_data],
+        outputs=lambda c: [c.paths.base_model],
+        tiny_only=True,
+    ),
+    Stage(
+        "prepare",
+        ("data",),
+        inputs=lambda c: _local_refs(c, c.data.source, c.data.revision),
+        outputs=lambda c: [c.paths.prepared, Path(c.paths.reports) / "data_validation"],
+        retries=2,  # downloads from the hub
+    ),
+    Stage(
+        "train_spm",
+        ("model", "data", "spm"),
+        inputs=lambda c: [c.paths.prepared, *_local_refs(c, c.data.source, c.model.pretrained, c.spm.init)],
+        outputs=lambda c: [c.paths.spm_model, *_reports(c, "spm_metrics.json", "spm_accuracy.csv")],
+        retries=1,
+        tags=("gpu",),
+    ),
+    Stage(
+        "train_spo",
+        ("model", "spo"),
+        inputs=lambda c: [c.paths.prepared, c.paths.spm_model, *_local_refs(c, c.model.pretrained)],
+        outputs=lambda c: [c.paths.lora, *_reports(c, "spo_train.json")],
+        retries=1,
+        tags=("gpu",),
+    ),
+    Stage(
+        "evaluate",
+        ("model", "eval"),
+        inputs=lambda c: [
+            c.paths.prepared,
+            c.paths.lora,
+            c.paths.spm_model,
+            *_local_refs(c, c.model.pretrained, c.eval.pickscore_model, c.eval.clip_model),
+        ],
+        outputs=lambda c: [c.paths.eval_reports],
+        retries=2,  # scorer downloads
+        tags=("gpu",),
+    ),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def _code_hash() -> str:
+    """Any change to the spo package invalidates every cached stage (conservative, and cheap to compute)."""
+    root = Path(spo.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _hash_paths(items: list[Path | str]) -> list[str]:
+    return [hash_tree(p) if isinstance(p, Path) and p.exists() else f"absent:{p}" for p in items]
+
+
+def cache_key(stage: Stage, cfg: Config) -> str:
+    payload = {
+        "stage": stage.name,
+        "config": cfg.section_hash(*stage.sections),
+        "inputs": _hash_paths(stage.inputs(cfg)),
+        "code": _code_hash(),
+        "root": str(Path(cfg.paths.root).resolve()),
+    }
+    return (
+        f"spo-{stage.name}-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    )
+
+
+def outputs_hash(stage: Stage, cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(_hash_paths(stage.outputs(cfg))).encode()).hexdigest()
+
+
+# -- retries -------------------------------------------------------------------------------------------
+_TRANSIENT_NAMES = {
+    "ConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "TimeoutException",
+    "RemoteDisconnected",
+    "ProtocolError",
+    "ChunkedEncodingError",
+    "TransportError",
+}
+_TRANSIENT_MODULES = ("requests", "urllib3", "httpx", "http", "socket", "aiohttp")
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Worth a retry: a network failure, a timeout, a busy tracking store, a 429/5xx from a server.
+
+    Walks the exception's cause chain (a ModelLoadError wrapping a dropped connection is transient); a
+    DataValidationError never is.
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, DataValidationError):
+            return False
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return True
+        cls = type(exc)
+        if cls.__name__ in _TRANSIENT_NAMES and cls.__module__.split(".")[0] in _TRANSIENT_MODULES:
+            return True
+        status = getattr(getattr(exc, "response", None), "status_code", None)  # requests/httpx/hub errors
+        if status is None and callable(getattr(exc, "get_http_status_code", None)):  # MlflowException
+            status = exc.get_http_status_code()
+        if isinstance(status, int) and (status == 429 or status >= 500):
+            return True
+        if "database is locked" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _retry_if_transient(task_, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    transient = is_transient(exc if isinstance(exc, BaseException) else None)
+    if not transient:
+        get_run_logger().info("%s failed with a non-transient error; not retrying", task_run.name)
+    return transient
+
+
+# -- tasks ---------------------------------------------------------------------------------------------
+CLI_COMMAND = {"train_spm": "train-spm", "train_spo": "train"}  # the others are named like their module
+
+
+def _launch_with_accelerate(stage_name: str, cfg: Config, accelerate_config: str) -> dict[str, Any]:
+    """Run a stage on several GPUs/nodes: ``accelerate launch -m spo.cli <stage>`` with this exact config,
+    its MLflow run nested under the pipeline's run. The stage's own error is in the log above the failure."""
+    with tempfile.TemporaryDirectory(prefix="spo-launch-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(cfg.to_yaml())  # carries `preset`, so the CLI applies every value
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            accelerate_config,
+            "-m",
+            "spo.cli",
+            CLI_COMMAND.get(stage_name, stage_name),
+            "--params",
+            str(params),
+        ]
+        env = {**os.environ, "SPO_PARENT_RUN_ID": tracking.pipeline_run_id() or ""}
+        get_run_logger().info("%s: %s", stage_name, " ".join(cmd))
+        proc = subprocess.run(cmd, env=env, check=False)
+    if proc.returncode:
+        raise SPOError(
+            f"{stage_name} failed under accelerate launch (exit code {proc.returncode}); its error is in the "
+            "log above. Fix it and run the flow again (finished stages come from the cache)."
+        )
+    return {"launched": cmd[2:]}
+
+
+def _execute(stage_name: str, cfg: Config, accelerate_config: str | None = None) -> dict[str, Any]:
+    """Run one stage under its MLflow run; return its summary and the hash of what it wrote."""
+    if accelerate_config:
+        result = _launch_with_accelerate(stage_name, cfg, accelerate_config)
+    else:
+        module = importlib.import_module(f"spo.stages.{stage_name}")
+        with tracking.stage_tracker(cfg, stage_name):
+            result = module.run(cfg)
+    stage = STAGE_BY_NAME.get(stage_name)
+    return {"result": result, "outputs_hash": outputs_hash(stage, cfg) if stage else None}
+
+
+def _stage_task(stage: Stage):
+    return task(
+        _execute,
+        name=stage.name,
+        task_run_name=stage.name,
+        tags=("spo", *stage.tags),
+        cache_key_fn=lambda ctx, params: cache_key(STAGE_BY_NAME[params["stage_name"]], params["cfg"]),
+        persist_result=True,
+        retries=stage.retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=10),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=_retry_if_transient,
+    )
+
+
+STAGE_TASKS = {s.name: _stage_task(s) for s in STAGES}
+
+# Registry calls: retried on a flaky tracking server; safe to repeat (registration is idempotent).
+registry_task = task(
+    _execute,
+    name="registry",
+    task_run_name="{stage_name}",
+    tags=("spo", "registry"),
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_condition_fn=_retry_if_transient,
+)
+
+
+def run_stage(stage: Stage, cfg: Config, accelerate_config: str | None = None) -> dict[str, Any]:
+    """The stage's task, with a cache hit accepted only if the outputs it recorded are still on disk."""
+    started = time.monotonic()
+    state = STAGE_TASKS[stage.name](stage.name, cfg, accelerate_config, return_state=True)
+    out = state.result()  # raises the stage's own exception on failure
+    cached = state.name == "Cached"
+    if cached and out.get("outputs_hash") != outputs_hash(stage, cfg):
+        get_run_logger().info(
+            "%s: cached result, but its outputs changed on disk; running it again", stage.name
+        )
+        out = STAGE_TASKS[stage.name].with_options(refresh_cache=True)(stage.name, cfg, accelerate_config)
+        cached = False
+    return {**out, "cached": cached, "seconds": round(time.monotonic() - started, 1)}
+
+
+# -- the flow ------------------------------------------------------------------------------------------
+@flow(name=FLOW_NAME, log_prints=True, validate_parameters=True)
+def spo_pipeline(
+    preset: str | None = "tiny",
+    overrides: list[str] | None = None,
+    params_file: str | None = DEFAULT_PARAMS_FILE,
+    accelerate_configs: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run the whole SPO pipeline; returns the summary (also published as Prefect artifacts).
+
+    ``preset``/``overrides``/``params_file`` resolve the config as ``spo <stage> --preset P --set k=v
+    --params F`` does (``preset=None``: the params file's). ``accelerate_configs`` maps GPU stages
+    (train_spm, train_spo, evaluate) to an accelerate config file; those stages then run under
+    ``accelerate launch`` on all the worker's GPUs instead of in the flow's process.
+    """
+    from prefect.runtime import flow_run
+
+    started = time.monotonic()
+    cfg = load_config(preset, overrides or [], params_file)
+    logger = get_run_logger()
+    stages = [s for s in STAGES if cfg.is_tiny or not s.tiny_only]
+    launch = accelerate_configs or {}
+    unknown = sorted(set(launch) - {s.name for s in STAGES if "gpu" in s.tags})
+    if unknown:
+        raise SPOError(f"accelerate_configs: {unknown} are not GPU stages (train_spm, train_spo, evaluate)")
+    logger.info(
+        "preset %s, root %s, stages: %s",
+        cfg.preset,
+        Path(cfg.paths.root).resolve(),
+        ", ".join(s.name for s in stages),
+    )
+    tracking.init_store(cfg)  # create the store's schema once, before any stage opens a run
+    results: dict[str, Any] = {}
+    with tracking.pipeline_run(
+        cfg, tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    ) as parent:
+        for stage in stages:
+            results[stage.name] = run_stage(stage, cfg, launch.get(stage.name))
+            logger.info("%s: %s", stage.name, "cached" if results[stage.name]["cached"] else "done")
+        registered = registry_task("register", cfg)["result"]
+        decision = registry_task("promote", cfg)["result"]
+        summary = build_summary(cfg, results, registered, decision, parent.run_id, time.monotonic() - started)
+        parent.log_metrics(headline_metrics(summary))
+        parent.set_tags(
+            {"registry.version": registered["version"], "registry.decision": decision["decision"]}
+        )
+        parent.log_dict(summary, "pipeline_summary.json")
+        parent.log_text(summary_markdown(summary), "pipeline_summary.md")
+    atomic_write_json(Path(cfg.paths.reports) / "pipeline_summary.json", summary)
+    publish_artifacts(summary)
+    return summary
+
+
+# -- summary -------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def build_summary(
+    cfg: Config, results, registered, decision, parent_run_id: str | None, seconds: float
+) -> dict[str, Any]:
+    p = cfg.paths
+    spm = _read_json(Path(p.reports) / "spm_metrics.json")
+    metrics = _read_json(Path(p.eval_reports) / "metrics.json")
+    card = _read_json(Path(p.prepared) / "data_card.json")
+    mlflow_info: dict[str, Any] = {"tracking_uri": tracking.tracking_uri(cfg), "ui": tracking.ui_command(cfg)}
+    if parent_run_id:
+        exp = tracking.experiment_id_of(parent_run_id)
+        mlflow_info.update(
+            run_id=parent_run_id, experiment_id=exp, url=tracking.run_url(parent_run_id, exp, cfg)
+        )
+    return {
+        "preset": cfg.preset,
+        "seconds": round(seconds, 1),
+        "summary_file": str(Path(p.reports) / "pipeline_summary.json"),
+        "stages": {name: {"cached": r["cached"], "seconds": r["seconds"]} for name, r in results.items()},
+        "outputs": {
+            "prepared": str(p.prepared),
+            "spm": str(p.spm_model),
+            "lora": str(p.lora),
+            "eval": str(p.eval_reports),
+            "grid": str(Path(p.eval_reports) / "grid.png"),
+        },
+        "data_card": data_card_view(card),
+        "spm_accuracy": {
+            "accuracy": spm.get("accuracy", {}),
+            "initial_accuracy": spm.get("initial_accuracy", {}),
+        },
+        "eval": {k: v for k, v in metrics.items() if not k.startswith("_")},
+        "primary_metric": cfg.registry.primary_metric,
+        "registry": {
+            **registered,
+            **{k: decision[k] for k in ("decision", "promoted", "champion", "reason")},
+        },
+        "mlflow": mlflow_info,
+    }
+
+
+def data_card_view(card: dict[str, Any]) -> dict[str, Any]:
+    """The few lines of data/prepared/data_card.json worth a glance."""
+    counts = card.get("counts", {})
+    view: dict[str, Any] = {"source": card.get("source", {}).get("ref")}
+    for table in ("spm_train", "spm_val"):
+        c = counts.get(table, {})
+        if c:
+            view[table] = f"{c.get('pairs')} pairs ({c.get('ties')} ties, {c.get('captions')} captions)"
+    for prompts in ("prompts_train", "prompts_val"):
+        if prompts in counts:
+            view[prompts] = f"{counts[prompts].get('written')} prompts"
+    validation = card.get("validation", {})
+    if validation:
+        view["validation"] = (
+            f"{'passed' if validation.get('success') else 'FAILED'} ({validation.get('evaluated_expectations')} expectations)"
+        )
+    return {k: v for k, v in view.items() if v is not None}
+
+
+def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {"pipeline/seconds": summary["seconds"]}
+    for name, m in summary["eval"].items():
+        out[f"eval/{name}/diff_mean"] = m["diff_mean"]
+        out[f"eval/{name}/win_rate"] = m["win_rate"]
+    for t, acc in summary["spm_accuracy"]["accuracy"].items():
+        out[f"spm/accuracy_t{t}"] = acc
+    return out
+
+
+def eval_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, m in summary["eval"].items():
+        low, high = m["diff_ci95"]
+        rows.append(
+            {
+                "scorer": name + (" (primary)" if name == summary["primary_metric"] else ""),
+                "base": round(m["base_mean"], 4),
+                "spo": round(m["spo_mean"], 4),
+                "spo - base": round(m["diff_mean"], 4),
+                "95% CI": f"[{low:+.4f}, {high:+.4f}]",
+                "win rate": round(m["win_rate"], 3),
+                "n": m.get("n"),
+            }
+        )
+    return rows
+
+
+def spm_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    acc, init = summary["spm_accuracy"]["accuracy"], summary["spm_accuracy"]["initial_accuracy"]
+    return [
+        {"t": t, "accuracy": round(a, 3), "initial accuracy": round(init.get(t, float("nan")), 3)}
+        for t, a in acc.items()
+    ]
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_(none)_"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _stage_note(stage: dict[str, Any]) -> str:
+    return "cached" if stage["cached"] else f"{stage['seconds']:.0f} s"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    reg, ml = summary["registry"], summary["mlflow"]
+    stages = ", ".join(f"{name} ({_stage_note(s)})" for name, s in summary["stages"].items())
+    card = "\n".join(f"- {k}: {v}" for k, v in summary["data_card"].items()) or "_(no data card)_"
+    link = f"[MLflow run]({ml['url']})" if ml.get("url") else "MLflow tracking disabled"
+    return f"""# SPO pipeline ({summary["preset"]})
+
+Finished in {summary["seconds"]:.0f} s. Stages: {stages}.
+
+## Data card
+{card}
+
+## SPM accuracy by timestep
+{_md_table(spm_rows(summary))}
+
+## Evaluation (SPO vs base, paired seeds, bootstrap 95% CI)
+{_md_table(eval_rows(summary))}
+
+## Registry
+`{reg["model"]}` v{reg["version"]} is `@challenger` ({"new version" if reg["created"] else "same LoRA as before"}).
+Gate on `{summary["primary_metric"]}`: **{reg["decision"]}** ({reg["reason"]}). `@champion`: v{reg["champion"] or " none"}.
+
+## Tracking
+{link}; open the UI with `{ml["ui"]}`.
+"""
+
+
+def publish_artifacts(summary: dict[str, Any]) -> None:
+    key = f"spo-{summary['preset']}"
+    create_markdown_artifact(
+        summary_markdown(summary), key=f"{key}-summary", description="SPO pipeline summary"
+    )
+    create_table_artifact(eval_rows(summary), key=f"{key}-eval", description="SPO vs base, paired, 95% CI")
+    create_table_artifact(
+        spm_rows(summary) or [{"t": None}], key=f"{key}-spm-accuracy", description="SPM accuracy by t"
+    )
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """What `spo pipeline` prints at the end."""
+    reg, ml, out = summary["registry"], summary["mlflow"], summary["outputs"]
+    lines = [
+        f"SPO pipeline ({summary['preset']}) finished in {summary['seconds']:.0f} s",
+        "  " + ", ".join(f"{name} ({_stage_note(s)})" for name, s in summary["stages"].items()),
+        "",
+        "outputs:",
+        *[f"  {k:<9}{v}" for k, v in out.items()],
+        "",
+        "evaluation, SPO vs base (paired seeds, 95% bootstrap CI):",
+        *["  " + line for line in _md_table(eval_rows(summary)).splitlines()],
+        "",
+        f"registry: {reg['model']} v{reg['version']} -> @challenger ({'new' if reg['created'] else 'unchanged LoRA'});"
+        f" gate on {summary['primary_metric']}: {reg['decision']}; @champion = v{reg['champion'] or ' none'}",
+        f"  {reg['reason']}",
+        f'  use it: spo generate --model models:/{reg["model"]}@champion "a red circle on a blue background" -o out.png',
+        "",
+        f"MLflow: {ml['ui']}" + (f"  then open {ml['url']}" if ml.get("url") else ""),
+    ]
+    return "\n".join(lines)
+
+
+def run_pipeline_cli(preset: str | None, overrides: list[str], params_file: str | None) -> str:
+    """``spo pipeline``: run the flow, return the printed summary. A stage's SPOError propagates as is."""
+    summary = spo_pipeline(preset=preset or None, overrides=list(overrides), params_file=params_file)
+    return summary_text(summary)
+
+
+if __name__ == "__main__":  # python flows/pipeline.py == spo pipeline --preset tiny
+    print(run_pipeline_cli("tiny", [], DEFAULT_PARAMS_FILE))
