@@ -33,8 +33,13 @@ test: install
 lint: install
 	$(BIN)/ruff check spo flows tests bench
 
+# Benchmarks (results and machines in bench/RESULTS.md); the full-size SD-1.5 one: bench/bench_spo.py --size sd15-256
 bench: install
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_prepare.py
+	$(BIN)/python bench/bench_spm.py
+	$(BIN)/python bench/bench_spo.py --size tiny
+	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_pipeline.py
 
 clean:
 	rm -rf data/raw data/prepared data/eval_images models reports/eval reports/registry reports/pipeline_summary.json checkpoints mlflow .prefect dvc_plots

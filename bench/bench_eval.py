@@ -28,13 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _build_random_project(root: Path) -> None:
     from spo.models.preference import TimeConditionedCLIP, save_spm
-    from spo.models.tiny import build_tiny_clip, build_tiny_sd15
+    from spo.models.tiny import save_random_tiny_models
 
+    save_random_tiny_models(root, sdxl=False)
     base = root / "models" / "base"
-    build_tiny_sd15(seed=0).save_pretrained(base)
-    model, processor = build_tiny_clip(seed=0)
-    model.save_pretrained(base / "clip")
-    processor.save_pretrained(base / "clip")
     save_spm(TimeConditionedCLIP.from_clip(str(base / "clip"), time_embed_dim=64), root / "models" / "spm")
 
 

@@ -56,11 +56,11 @@ def flops_per_pair(cfg) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from spo.models.preference import TimeConditionedCLIP
-    from spo.stages.train_spm import _base_model, _under_root
+    from spo.stages.train_spm import _base_model
 
     adapter = _base_model(cfg, torch.device("cpu"))
     spm = TimeConditionedCLIP.from_clip(
-        _under_root(cfg, cfg.spm.init), _under_root(cfg, cfg.spm.processor), cfg.spm.time_embed_dim
+        cfg.resolve_ref(cfg.spm.init), cfg.resolve_ref(cfg.spm.processor), cfg.spm.time_embed_dim
     )
     res = cfg.spm_resolution
     images = torch.rand(2, 3, res, res) * 2 - 1

@@ -31,23 +31,14 @@ def tiny_cfg(tmp_path):
     return make_cfg(tmp_path)
 
 
-def _save_random_models(root: Path) -> None:
-    from spo.models.tiny import build_tiny_clip, build_tiny_sd15, build_tiny_sdxl
-
-    base = root / "models" / "base"
-    build_tiny_sd15(seed=0).save_pretrained(base)
-    model, processor = build_tiny_clip(seed=0)
-    model.save_pretrained(base / "clip")
-    processor.save_pretrained(base / "clip")
-    build_tiny_sdxl(seed=0).save_pretrained(root / "models" / "base_sdxl")
-
-
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
     """Random-init tiny models saved as real folders: models/base (SD-1.5 arch), models/base/clip,
     models/base_sdxl. Copy it (``tiny_project``) before writing into it."""
+    from spo.models.tiny import save_random_tiny_models
+
     root = tmp_path_factory.mktemp("tiny_models")
-    _save_random_models(root)
+    save_random_tiny_models(root)
     return root
 
 

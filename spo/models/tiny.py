@@ -131,11 +131,11 @@ def tiny_unet(cross_attention_dim: int = 64, sample_size: int = 8, sdxl: bool = 
     return UNet2DConditionModel(**kwargs)
 
 
-def tiny_scheduler():
+def tiny_scheduler(**overrides):
+    """DDIM with SD-1.5's schedule and settings (``overrides``, e.g. ``prediction_type``, replace them)."""
     from diffusers import DDIMScheduler
 
-    # SD-1.5's schedule and DDIM settings.
-    return DDIMScheduler(
+    settings = dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -145,6 +145,7 @@ def tiny_scheduler():
         steps_offset=1,
         prediction_type="epsilon",
     )
+    return DDIMScheduler(**{**settings, **overrides})
 
 
 def build_tiny_sd15(words: Iterable[str] = (), seed: int = 0, text_encoder=None, tokenizer=None):
@@ -223,3 +224,17 @@ def build_tiny_clip(words: Iterable[str] = (), image_size: int = 32, seed: int =
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor
+
+
+def save_random_tiny_models(root, sdxl: bool = True) -> None:
+    """Random-init tiny models saved as real folders (tests and benchmarks): ``models/base`` (SD-1.5
+    architecture), ``models/base/clip`` (CLIP + processor) and, with ``sdxl``, ``models/base_sdxl``."""
+    from pathlib import Path
+
+    base = Path(root) / "models" / "base"
+    build_tiny_sd15(seed=0).save_pretrained(base)
+    model, processor = build_tiny_clip(seed=0)
+    model.save_pretrained(base / "clip")
+    processor.save_pretrained(base / "clip")
+    if sdxl:
+        build_tiny_sdxl(seed=0).save_pretrained(Path(root) / "models" / "base_sdxl")

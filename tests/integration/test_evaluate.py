@@ -144,8 +144,10 @@ def test_batched_generation_matches_single_stock_calls(project):
             generator=torch.Generator().manual_seed(seed),
         ).images[0]
         assert np.abs(np.asarray(image).astype(int) - np.asarray(stock).astype(int)).max() <= 1
-    again = evaluate.sample_images(pipe, PROMPTS[:1], seeds[:1], proto)[0]
-    assert np.array_equal(np.asarray(again), np.asarray(batch[0]))
+    # The same call twice gives identical images (across batch sizes only up to float rounding, checked above:
+    # with several threads, matmul blocking depends on the batch size).
+    again = evaluate.sample_images(pipe, PROMPTS, seeds, proto)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again, batch, strict=True))
     other = evaluate.sample_images(pipe, PROMPTS[:1], [99], proto)[0]
     assert not np.array_equal(np.asarray(other), np.asarray(batch[0]))
 

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from spo_test_helpers import SMALL, make_cfg
 from PIL import Image
+from spo_test_helpers import SMALL, make_cfg
 
 from spo import tracking
 from spo.cli import main

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
-from spo_test_helpers import make_cfg
 from spm_helpers import official_layout, perturb_time_conditioning
+from spo_test_helpers import make_cfg
 
 from spo.errors import ModelLoadError, NonFiniteError
 from spo.models.preference import load_spm

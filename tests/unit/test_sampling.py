@@ -8,21 +8,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from spo.models.tiny import tiny_scheduler
 from spo.sampling import ddim_step_with_logprob, predict_x0
 
 
 def _scheduler(num_steps: int = 20, **kw) -> DDIMScheduler:
-    # SD-1.5's scheduler settings.
-    s = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        **kw,
-    )
+    s = tiny_scheduler(**kw)  # SD-1.5's scheduler settings
     s.set_timesteps(num_steps)
     return s
 

@@ -6,21 +6,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from spo.models.tiny import tiny_scheduler
 from spo.sampling import predict_x0
 
 
 def _scheduler(prediction_type: str) -> DDIMScheduler:
-    # SD-1.5's schedule.
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    return tiny_scheduler(prediction_type=prediction_type)  # SD-1.5's schedule
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
