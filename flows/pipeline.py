@@ -43,7 +43,7 @@ import spo
 from spo import tracking
 from spo.config import DEFAULT_PARAMS_FILE, Config, load_config
 from spo.errors import DataValidationError, SPOError
-from spo.utils import atomic_write_json, hash_tree
+from spo.utils import atomic_write_json, hash_tree, json_digest
 
 FLOW_NAME = "spo-pipeline"
 
@@ -152,13 +152,11 @@ def cache_key(stage: Stage, cfg: Config) -> str:
         "code": _code_hash(),
         "root": str(Path(cfg.paths.root).resolve()),
     }
-    return (
-        f"spo-{stage.name}-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
-    )
+    return f"spo-{stage.name}-" + json_digest(payload, 24)
 
 
 def outputs_hash(stage: Stage, cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(_hash_paths(stage.outputs(cfg))).encode()).hexdigest()
+    return json_digest(_hash_paths(stage.outputs(cfg)), None)
 
 
 # -- retries -------------------------------------------------------------------------------------------

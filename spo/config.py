@@ -17,8 +17,6 @@ DVC params file for a real run.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ruamel.yaml import YAML, YAMLError
 
 from spo.errors import SPOError
+from spo.utils import json_digest
 
 PRESETS = ("tiny", "sd15", "sdxl")
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -425,8 +424,7 @@ class Config(Section):
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (used as a cache key for the stage they configure)."""
-        payload = {s: self.to_dict()[s] for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest({s: self.to_dict()[s] for s in sections})
 
 
 def _load_yaml(text: str) -> Any:

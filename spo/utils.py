@@ -107,6 +107,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def json_digest(obj: Any, length: int | None = 16) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys), hex, cut to ``length``: config and cache keys."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

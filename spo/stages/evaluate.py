@@ -38,7 +38,15 @@ import torch
 
 from spo import tracking
 from spo.errors import MissingExtraError, ModelLoadError, NonFiniteError, SPOError
-from spo.utils import atomic_dir, atomic_write_bytes, atomic_write_json, get_logger, sha256_file, torch_dtype
+from spo.utils import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    get_logger,
+    json_digest,
+    sha256_file,
+    torch_dtype,
+)
 
 log = get_logger(__name__)
 
@@ -89,10 +97,6 @@ def protocol(cfg) -> dict[str, Any]:
     }
 
 
-def _digest(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
 def base_fingerprint(model_cfg) -> dict[str, Any]:
     """Identity of the base model: its reference, plus a stamp of the files when it is a local folder.
 
@@ -104,7 +108,7 @@ def base_fingerprint(model_cfg) -> dict[str, Any]:
     path = Path(ref)
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        fp["stamp"] = _digest(
+        fp["stamp"] = json_digest(
             [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         )
     return fp
@@ -207,7 +211,7 @@ class ImageCache:
         self.label = label
         self.model = model
         self.protocol = proto
-        self.dir = Path(root) / f"{label}-{_digest({'model': model, 'protocol': proto})}"
+        self.dir = Path(root) / f"{label}-{json_digest({'model': model, 'protocol': proto})}"
 
     def path(self, job: Job) -> Path:
         prompt_hash = hashlib.sha256(job.prompt.encode()).hexdigest()[:10]

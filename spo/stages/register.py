@@ -13,7 +13,6 @@ used when it was first registered) are left as they are.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from spo import tracking
 from spo.errors import SPOError
-from spo.utils import atomic_write_json, get_logger, require_path
+from spo.utils import atomic_write_json, get_logger, json_digest, require_path
 
 log = get_logger(__name__)
 
@@ -82,7 +81,7 @@ def eval_protocol(cfg, base_md5: str | None) -> str:
         "base_md5": base_md5,
         "prompts_md5": tracking.dvc_md5(cfg.paths.prepared / "prompts_val.txt"),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(payload)
 
 
 def run(cfg) -> dict[str, Any]:

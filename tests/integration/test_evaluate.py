@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from spo_test_helpers import make_cfg
 
-from spo.config import load_config
 from spo.errors import MissingExtraError, ModelLoadError, SPOError
 from spo.rewards import resolve_local_refs
 from spo.stages import evaluate, generate
@@ -37,11 +37,6 @@ FAST = [
     "eval.grid_prompts=2",
     "tracking.enabled=false",
 ]
-
-
-def make_cfg(root, *overrides):
-    # Not conftest.make_cfg: `from conftest import` resolves to tests/e2e/conftest.py in a full run.
-    return load_config("tiny", [f"paths.root={root}", *overrides], params_file=None)
 
 
 METRIC_KEYS = {"base_mean", "spo_mean", "diff_mean", "diff_ci95", "win_rate", "win_rate_ci95", "n"}
