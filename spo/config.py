@@ -38,7 +38,8 @@ class ConfigError(SPOError, ValueError):
 
 class Section(BaseModel):
     # Unknown keys are errors: a typo in params.yaml or --set must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never valid settings (`--set spm.lr=.inf` passes a plain `gt=0`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PathsConfig(Section):

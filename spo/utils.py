@@ -6,8 +6,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import uuid
@@ -44,6 +46,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     # mkdtemp makes 0700; outputs should get the usual umask-based permissions.
     os.chmod(tmp, 0o777 & ~_umask())
@@ -67,6 +70,43 @@ def replace_dir(src: Path, dest: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def recover_dir(dest: str | Path) -> None:
+    """Repair what a kill left around ``dest`` (see :func:`replace_dir`): when ``dest`` is missing but its
+    previous version ``.<name>.old-*`` is there (killed between the two renames), restore it; then remove
+    stale ``.<name>.old-*`` and ``.<name>.tmp-*`` leftovers. Says what it did."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return
+    olds = sorted(dest.parent.glob(f".{glob_escape(dest.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not (dest.exists() or dest.is_symlink()):
+        os.replace(olds[-1], dest)
+        get_logger(__name__).warning("restored %s from %s (a previous write was killed)", dest, olds[-1].name)
+        olds = olds[:-1]
+    for stale in [*olds, *dest.parent.glob(f".{glob_escape(dest.name)}.tmp-*")]:
+        get_logger(__name__).info("removing %s, left by a killed write", stale)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+_SECRET_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&](?:token|access_token|password|passwd|secret|key|sig|signature)=)[^&\s]+")
+
+
+def redact(text: Any) -> Any:
+    """``text`` with credentials in URLs masked: ``https://user:pw@host`` -> ``https://***@host`` and
+    ``?token=...`` -> ``?token=***``. Non-strings are returned unchanged."""
+    if not isinstance(text, str):
+        return text
+    text = _SECRET_URL.sub(lambda m: f"{m['scheme']}***@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
 def _umask() -> int:
@@ -94,7 +134,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON (NaN/inf written as null: a bare ``NaN`` is not JSON and breaks other readers)."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (recursively), ready for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return strict_json(obj.item())
+    return obj
 
 
 def _json_default(o: Any) -> Any:

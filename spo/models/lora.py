@@ -87,8 +87,21 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 
 def lora_metadata(unet) -> dict:
+    """The adapter config stored in the file. peft keeps ``target_modules`` as a set, which JSON would list
+    in hash-seed order: identical weights would give different bytes (a new registry version, a cache miss).
+    Sets become sorted lists, so the file is byte-deterministic."""
     base = getattr(unet, "module", unet)
-    return base.peft_config[ADAPTER].to_dict()
+    return _sorted_sets(base.peft_config[ADAPTER].to_dict())
+
+
+def _sorted_sets(node):
+    if isinstance(node, set | frozenset):
+        return sorted(node, key=str)
+    if isinstance(node, dict):
+        return {k: _sorted_sets(v) for k, v in sorted(node.items())}
+    if isinstance(node, list | tuple):
+        return [_sorted_sets(v) for v in node]
+    return node
 
 
 def write_lora(unet, directory: str | Path, arch: str) -> Path:
@@ -102,8 +115,27 @@ def write_lora(unet, directory: str | Path, arch: str) -> Path:
         unet_lora_adapter_metadata=lora_metadata(unet),
     )
     path = Path(directory) / LORA_WEIGHT_NAME
+    canonicalize_safetensors(path)
     path.chmod(0o644)  # safetensors creates it 0600; shared model stores need it readable
     return path
+
+
+def canonicalize_safetensors(path: str | Path) -> None:
+    """Rewrite a .safetensors header with sorted keys. safetensors writes its ``__metadata__`` map in a
+    random per-process order, so identical weights would hash differently (a new registry version, an
+    evaluation-cache miss, a DVC change). Tensor bytes and offsets are untouched."""
+    import json
+    import struct
+
+    path = Path(path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
 def save_lora(unet, dest: str | Path, arch: str, extra_files: dict[str, str] | None = None) -> Path:
