@@ -248,6 +248,9 @@ class SPOConfig(Section):
     threshold: float = Field(0.3, ge=0, lt=1)
     beta: float = Field(10.0, gt=0)
     eps: float = Field(0.1, gt=0, lt=1)
+    # Branching starts at step index divert_start_step and stops above kappa (on the nominal timestep,
+    # t - steps_offset). At the paper's 20 steps the two rules agree (divert 4 = first t <= 750); at other step
+    # counts they can branch from different timesteps than the official code, whose rule is the step index.
     divert_start_step: int = Field(4, ge=0)
     num_steps: int = Field(20, ge=1)
     # > 0: SPO needs stochastic DDIM steps (k distinct candidates, a defined log-probability).
@@ -255,6 +258,9 @@ class SPOConfig(Section):
     cfg_scale: float = Field(5.0, ge=0)
     kappa: int = Field(750, ge=0, le=1000)
     num_inner_steps: int = Field(1, ge=1)
+    # None = the official samplers' rule: SD-1.5 branches at the last step, SDXL (MSPO) never does (the chains
+    # in progress take it). See spo.sampling.branches_at_last_step.
+    branch_at_last_step: bool | None = None
     num_prompts: int | None = Field(None, ge=1)
     sample_batch_size: int = Field(10, ge=1)
     train_batch_size: int = Field(10, ge=1)

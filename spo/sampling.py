@@ -31,6 +31,9 @@ from spo.utils import get_logger
 log = get_logger(__name__)
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# σ_t is 0 at the last step of a scheduler with ``set_alpha_to_one=True`` (ᾱ_{t−1} = 1): the step is then
+# deterministic and its log-density undefined. σ is floored here, as the official SPO code clips it.
+STD_FLOOR = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,7 +140,7 @@ def ddim_step_with_logprob(
         r = scheduler.config.clip_sample_range
         x0 = x0.clamp(-r, r)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    std = eta * variance.sqrt()
+    std = (eta * variance.sqrt()).clamp(min=STD_FLOOR)
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
     if prev_sample is None:
         from diffusers.utils.torch_utils import randn_tensor
@@ -240,6 +243,15 @@ class SamplerStats:
         return self.comparisons_kept / self.comparisons if self.comparisons else 0.0
 
 
+def branches_at_last_step(spo_cfg, arch: str) -> bool:
+    """``spo.branch_at_last_step``, or the official samplers' rule when unset: the SD-1.5 sampler branches at
+    the last step (judged on x0 at t = 0); the SDXL (MSPO) sampler never does -- the chains in progress take
+    the last step as one more inner step and are judged at t = 0 (20 steps, divert 4, j = 3: 5 comparisons,
+    not 6)."""
+    value = getattr(spo_cfg, "branch_at_last_step", None)
+    return (arch != "sdxl") if value is None else bool(value)
+
+
 class CandidateSampler:
     """SPO's sampler for SD-1.5 and SDXL (one implementation over :class:`DiffusionAdapter`).
 
@@ -276,6 +288,7 @@ class CandidateSampler:
         cfg_scale: float,
         num_inner_steps: int = 1,
         decode_batch_size: int | None = None,
+        branch_at_last_step: bool = True,
     ):
         if num_candidates < 2:
             raise ValueError("num_candidates must be at least 2 to form a pair")
@@ -290,6 +303,7 @@ class CandidateSampler:
         self.cfg_scale = cfg_scale
         self.num_inner_steps = num_inner_steps
         self.decode_batch_size = decode_batch_size
+        self.branch_at_last_step = branch_at_last_step
 
     @classmethod
     def from_config(cls, adapter, scorer: StepScorer, spo_cfg) -> CandidateSampler:
@@ -305,6 +319,7 @@ class CandidateSampler:
             cfg_scale=spo_cfg.cfg_scale,
             num_inner_steps=spo_cfg.num_inner_steps,
             decode_batch_size=spo_cfg.sample_batch_size,
+            branch_at_last_step=branches_at_last_step(spo_cfg, getattr(adapter, "arch", "sd15")),
         )
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -386,7 +401,10 @@ class CandidateSampler:
             ).prev_sample
             nexts = [cur]
             i += 1
-            for _ in range(self.num_inner_steps - 1):
+            inner = self.num_inner_steps - 1
+            if not self.branch_at_last_step and i + inner == n - 1:
+                inner += 1  # the last step would be a branch of its own: the chains take it instead
+            for _ in range(inner):
                 if i >= n:
                     break
                 ti = timesteps[i]

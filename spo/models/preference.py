@@ -34,7 +34,10 @@ def _size_value(size, key: str):
     return getattr(size, key, None)
 
 
-def preprocess_images(images: torch.Tensor, image_processor) -> torch.Tensor:
+RESIZE_MODES = ("pil", "official")
+
+
+def preprocess_images(images: torch.Tensor, image_processor, resize: str = "pil") -> torch.Tensor:
     """Float images (N, 3, H, W) in [-1, 1] -> CLIP ``pixel_values``, differentiably.
 
     Mirrors ``CLIPImageProcessor``: bicubic resize of the shortest side to ``size["shortest_edge"]`` (the
@@ -42,7 +45,15 @@ def preprocess_images(images: torch.Tensor, image_processor) -> torch.Tensor:
     ``crop_size``, then normalisation with ``image_mean``/``image_std``. ``antialias=True`` makes torch's
     bicubic use PIL's kernel (a=-0.5 with a widened support when downscaling), so results match the
     processor's PIL path up to its uint8 quantisation.
+
+    ``resize="official"`` reproduces the official SPO code, with which the released SPMs were trained and
+    are used: plain (not antialiased) bicubic to target sizes ``int(x·s + 0.5)``, no clamping. With the same
+    weights the two differ by up to ~0.2 in score when images are downscaled, so a model is always used with
+    the preprocessing it was trained with (``TimeConditionedCLIP.resize_mode``, saved in spm_config.json).
     """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    official = resize == "official"
     proc = _image_processor(image_processor)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
@@ -51,14 +62,17 @@ def preprocess_images(images: torch.Tensor, image_processor) -> torch.Tensor:
     short_target = _size_value(proc.size, "shortest_edge")
     if short_target is None:  # processors configured with an explicit (height, width)
         new_h, new_w = _size_value(proc.size, "height"), _size_value(proc.size, "width")
+    elif official:
+        scale = short_target / min(h, w)
+        new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
     elif w <= h:
         new_w, new_h = short_target, int(short_target * h / w)
     else:
         new_h, new_w = short_target, int(short_target * w / h)
     if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        # The processor resizes uint8 pixels, which clamps bicubic overshoot; do the same.
-        x = x.clamp(-1, 1)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=not official)
+        if not official:  # the processor resizes uint8 pixels, which clamps bicubic overshoot; do the same
+            x = x.clamp(-1, 1)
     crop_h, crop_w = _size_value(proc.crop_size, "height"), _size_value(proc.crop_size, "width")
     if crop_h is not None and (crop_h, crop_w) != (new_h, new_w):
         if crop_h > new_h or crop_w > new_w:
@@ -149,8 +163,12 @@ class TimeConditionedCLIP(nn.Module):
         time_embed_dim: int = 256,
         source: str | None = None,
         processor_source: str | None = None,
+        resize_mode: str = "pil",
     ):
         super().__init__()
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        self.resize_mode = resize_mode  # the image preprocessing the model was trained with
         self.clip = clip
         self.processor = processor
         self.time_embed_dim = time_embed_dim
@@ -239,7 +257,8 @@ class TimeConditionedCLIP(nn.Module):
     def encode_images(self, images: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1], any size -> normalised image embeddings (N, D)."""
         t = self._timesteps(timesteps, images.shape[0])
-        return self.image_features(preprocess_images(images.to(self.device), self.image_processor), t)
+        pixels = preprocess_images(images.to(self.device), self.image_processor, self.resize_mode)
+        return self.image_features(pixels, t)
 
     # -- scores --------------------------------------------------------------------------------------------
     def forward(
@@ -335,6 +354,7 @@ def save_spm(
         "source_clip": model.source,
         "processor": model.processor_source,
         "time_embed_dim": model.time_embed_dim,
+        "preprocess_resize": model.resize_mode,
         "clip_config": model.clip.config.to_dict(),
         **(extra_config or {}),
     }
@@ -398,6 +418,7 @@ def _load_saved_spm(path: Path) -> TimeConditionedCLIP:
             int(config["time_embed_dim"]),
             source=config.get("source_clip"),
             processor_source=config.get("processor"),
+            resize_mode=config.get("preprocess_resize", "pil"),
         )
     _load_state_strict(model, load_file(str(weights)), str(weights))
     return model
@@ -510,4 +531,5 @@ def load_released_spm(
     model = TimeConditionedCLIP.from_clip(clip_ref, processor_ref, time_embed_dim)
     _load_state_strict(model, map_released_state_dict(raw), str(file))
     model.source = f"pretrained:{ref}"
+    model.resize_mode = "official"  # the preprocessing the released SPMs were trained with
     return model

@@ -126,6 +126,7 @@ def test_released_layout_loads_with_weights_only(clip_dir, images, tmp_path):
         )  # differs from the source CLIP: proves CLIP weights come from the file
     ckpt = tmp_path / "sd-v1-5_step-aware_preference_model.bin"
     torch.save(official_layout(spm), ckpt)
+    spm.resize_mode = "official"  # released SPMs are used with the official code's preprocessing
 
     loaded = load_spm(
         f"pretrained:{ckpt}", clip_ref=str(clip_dir), processor_ref=str(clip_dir), time_embed_dim=32
