@@ -24,10 +24,25 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record: pytest's capture and Prefect swap it,
+    and a handler bound to an old stream would write to a closed file ("I/O operation on closed file")."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int | str = logging.INFO) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_spo", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         handler._spo = True  # type: ignore[attr-defined]
         root.addHandler(handler)
