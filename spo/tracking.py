@@ -187,20 +187,32 @@ def init_store(cfg: Any | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = cfg.tracking.experiment if cfg is not None else "spo"
-    client = MlflowClient()
     try:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            exp_id = client.create_experiment(name, artifact_location=_artifact_location(uri))
-        else:
-            exp_id = exp.experiment_id
+        # Two processes creating a fresh SQLite store's schema (or the experiment) at once collide: the
+        # tracking and registry stores migrate the schema when first opened, so open both under the lock.
+        with sqlite_store_lock(uri, "init"):
+            client = MlflowClient()
+            if uri.startswith("sqlite:///"):
+                client.search_registered_models(max_results=1)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                exp_id = client.create_experiment(name, artifact_location=_artifact_location(uri))
+            else:
+                exp_id = exp.experiment_id
     except Exception as exc:
         raise TrackingError(
             f"cannot open the MLflow tracking store {uri!r}: {exc}. Check MLFLOW_TRACKING_URI (or "
             "tracking.tracking_uri), that the server is up, or disable tracking with --set tracking.enabled=false."
         ) from exc
     mlflow.set_experiment(experiment_id=exp_id)
+    if (uri, exp_id) not in _REPAIRED:
+        _REPAIRED.add((uri, exp_id))
+        with contextlib.suppress(Exception):  # repair is best-effort; never blocks a run
+            repair_stale_runs(exp_id)
     return exp_id
+
+
+_REPAIRED: set[tuple[str, str]] = set()
 
 
 def ui_command(cfg: Any | None = None) -> str:
@@ -346,7 +358,7 @@ def _run(
         run_name=name,
         nested=parent is not None,
         parent_run_id=parent,
-        tags=tags,
+        tags={**tags, **process_tags()},
         log_system_metrics=system_metrics and cfg.tracking.log_system_metrics,
     )
     tracker = MlflowTracker(run.info.run_id)
@@ -545,90 +557,73 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def _pyfunc_class():
-    """The pyfunc wrapper class. Built inside a function so cloudpickle stores it by value: the logged
-    model then loads with torch + diffusers alone, without this package installed."""
-    import mlflow.pyfunc
-
-    class SPOLoraModel(mlflow.pyfunc.PythonModel):
-        """``predict(prompts) -> list of HxWx3 uint8 images`` from the base model with the SPO LoRA."""
-
-        def load_context(self, context):
-            import torch
-            from diffusers import (
-                AutoencoderKL,
-                DDIMScheduler,
-                StableDiffusionPipeline,
-                StableDiffusionXLPipeline,
-            )
-
-            cfg = context.model_config
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg["dtype"], torch.float32)
-            dtype = dtype if device == "cuda" else torch.float32
-            cls = StableDiffusionXLPipeline if cfg["arch"] == "sdxl" else StableDiffusionPipeline
-            kwargs = {"dtype": dtype}
-            if cfg["arch"] == "sd15":
-                kwargs.update(safety_checker=None, requires_safety_checker=False)
-            if cfg.get("revision"):
-                kwargs["revision"] = cfg["revision"]
-            if cfg.get("vae"):
-                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg["vae"], dtype=dtype)
-            pipe = cls.from_pretrained(context.artifacts.get("base") or cfg["pretrained"], **kwargs)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-            pipe.load_lora_weights(context.artifacts["lora"], adapter_name="spo")
-            pipe.set_progress_bar_config(disable=True)
-            self.pipe = pipe.to(device)
-            self.cfg = cfg
-
-        def predict(self, context, model_input, params=None):
-            import torch
-
-            # No type hints on purpose: with them MLflow would run a full generation at registration to
-            # infer the output schema. The explicit signature hands prompts over as a one-column frame.
-            prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
-            params = {**self.cfg["defaults"], **(params or {})}
-            generator = torch.Generator(device="cpu").manual_seed(int(params["seed"]))
-            out = self.pipe(
-                [str(p) for p in prompts],
-                num_inference_steps=int(params["num_inference_steps"]),
-                guidance_scale=float(params["guidance_scale"]),
-                eta=float(params["eta"]),
-                height=self.cfg["resolution"],
-                width=self.cfg["resolution"],
-                generator=generator,
-                output_type="np",
-            )
-            return list((out.images * 255).round().clip(0, 255).astype("uint8"))
-
-    return SPOLoraModel
+MODEL_CODE = Path(__file__).with_name("serving.py")  # the registered model's code (models-from-code)
+CODE_TAG = "spo.model_code_sha256"
 
 
-def log_lora_model(
-    cfg: Any,
-    lora_dir: Path,
-    extra_artifacts: dict[str, Path],
-    version_tags: dict[str, str],
-    description: str,
-) -> VersionInfo:
-    """Log the LoRA as a pyfunc model into the active run (or a new one) and register it as a new
-    version of ``cfg.registered_model_name``; returns the version (tags set, no alias yet).
+def model_code_sha256() -> str:
+    from spo.utils import sha256_file
 
-    If anything after the version's creation fails, the version is deleted again: the registry is left
-    as it was.
-    """
-    import mlflow
+    return sha256_file(MODEL_CODE)
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str, purpose: str) -> Iterator[None]:
+    """An exclusive (blocking) file lock beside a local SQLite store; a no-op for servers."""
+    import fcntl
+
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///") :]).with_suffix(f".{purpose}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def registry_lock(cfg: Any):
+    """Serialise registrations against one local store (two processes, even from different project roots,
+    registering at once would otherwise both create a version). Servers: the post-create check in
+    :func:`register_lora` resolves a race instead."""
+    return sqlite_store_lock(tracking_uri(cfg), "register")
+
+
+def repair_registry(name: str, content_tag: str) -> list[str]:
+    """Delete versions of ``name`` that a killed registration left incomplete (no ``content_tag``: written
+    by a version of spo that set tags after creating the version) and duplicates of one content (keeping the
+    oldest, which aliases are moved to). Returns what it did, one line each."""
     from mlflow import MlflowClient
+
+    done: list[str] = []
+    versions = list_versions(name)
+    seen: dict[str, VersionInfo] = {}
+    client = MlflowClient()
+    for v in versions:
+        content = v.tags.get(content_tag)
+        keep = seen.get(content) if content else None
+        if content and keep is None:
+            seen[content] = v
+            continue
+        for alias in v.aliases:
+            if keep is not None:
+                client.set_registered_model_alias(name, alias, keep.version)
+        delete_version(name, v.version)
+        why = f"a duplicate of v{keep.version}" if keep else f"incomplete (no {content_tag} tag)"
+        done.append(f"deleted {name} v{v.version}: {why}")
+    for line in done:
+        log.warning("registry repair: %s", line)
+    return done
+
+
+def _signature(cfg: Any):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    defaults = {
-        "seed": 0,
-        "num_inference_steps": cfg.eval.num_steps,
-        "guidance_scale": float(cfg.eval.cfg_scale),
-        "eta": float(cfg.eval.eta),
-    }
-    signature = ModelSignature(
+    return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [
@@ -636,9 +631,59 @@ def log_lora_model(
                 ParamSpec("num_inference_steps", "long", cfg.eval.num_steps),
                 ParamSpec("guidance_scale", "double", float(cfg.eval.cfg_scale)),
                 ParamSpec("eta", "double", float(cfg.eval.eta)),
+                ParamSpec("output", "string", "array"),
             ]
         ),
     )
+
+
+def register_lora(
+    cfg: Any,
+    lora_dir: Path,
+    extra_artifacts: dict[str, Path],
+    version_tags: dict[str, str],
+    description: str,
+    content_tag: str = "lineage.lora_md5",
+) -> tuple[VersionInfo, bool]:
+    """Find-or-create the model version holding this LoRA; returns (version, created).
+
+    Transactional: the version is created in one store call *with all its tags* (nothing half-tagged is
+    ever visible), under :func:`registry_lock`, after :func:`repair_registry`; a kill before that call
+    leaves no version (the logging run is marked KILLED on the next start), a kill after it leaves a
+    complete version that the next register finds by ``content_tag`` and reuses.
+    """
+    from mlflow import MlflowClient
+
+    name = cfg.registered_model_name
+    content = version_tags[content_tag]
+    init_store(cfg)
+    with registry_lock(cfg):
+        if _model_exists(name):
+            repair_registry(name, content_tag)
+            existing = find_version(name, content_tag, content)
+            if existing is not None:
+                return existing, False
+        version = _log_and_create(cfg, name, lora_dir, extra_artifacts, version_tags, description)
+        twins = [v for v in list_versions(name) if v.tags.get(content_tag) == content]
+        if twins and twins[0].version != version.version:  # lost a race with another process: keep the oldest
+            log.warning("%s v%s duplicates v%s (concurrent registration); deleting it", name, version.version, twins[0].version)
+            delete_version(name, version.version)
+            return twins[0], False
+    with contextlib.suppress(Exception):  # cosmetic; the version is complete without it
+        MlflowClient().update_model_version(name, version.version, description=description)
+    return get_version(name, version.version) or version, True
+
+
+def _log_and_create(cfg, name, lora_dir, extra_artifacts, version_tags, description) -> VersionInfo:
+    import mlflow
+
+    defaults = {
+        "seed": 0,
+        "num_inference_steps": cfg.eval.num_steps,
+        "guidance_scale": float(cfg.eval.cfg_scale),
+        "eta": float(cfg.eval.eta),
+        "output": "array",
+    }
     base_local = local_model_dir(cfg, cfg.model.pretrained)
     artifacts = {"lora": str(lora_dir), **{k: str(v) for k, v in extra_artifacts.items()}}
     if base_local and cfg.registry.bundle_base:
@@ -652,43 +697,80 @@ def log_lora_model(
         "resolution": cfg.eval_resolution,
         "defaults": defaults,
     }
-    name = cfg.registered_model_name
-    init_store(cfg)
     started = mlflow.active_run() is None
     if started:
-        mlflow.start_run(run_name="register", tags=lineage_tags(cfg, "register"))
-    version = None
+        mlflow.start_run(run_name="register", tags={**lineage_tags(cfg, "register"), **process_tags()})
     try:
         with warnings.catch_warnings():
-            # Deliberate: no input example, logging would run a generation (as type hints would, see
-            # predict; mlflow's "add type hints" warning cannot be silenced from here).
+            # Deliberate: no input example (logging one would run a generation, as type hints would).
             warnings.filterwarnings("ignore", message=".*input example.*")
+            warnings.filterwarnings("ignore", message=".*type hint.*")
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
-                python_model=_pyfunc_class()(),
+                python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 model_config=model_config,
-                signature=signature,
+                signature=_signature(cfg),
                 pip_requirements=pip_requirements(),
-                registered_model_name=name,
             )
-        version = str(info.registered_model_version)
-        client = MlflowClient()
-        client.update_model_version(name, version, description=description)
-        set_version_tags(name, version, version_tags)
-        result = get_version(name, version)
+        tags = {**version_tags, CODE_TAG: model_code_sha256()}
+        mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     except BaseException:
-        if version is not None:
-            log.warning("registration of %s v%s failed half-way; deleting that version", name, version)
-            with contextlib.suppress(Exception):
-                delete_version(name, version)
         if started:
             mlflow.end_run(status="FAILED")
         raise
     if started:
         mlflow.end_run()
-    assert result is not None
-    return result
+    return _version_info(mv)
+
+
+def log_lora_model(
+    cfg: Any,
+    lora_dir: Path,
+    extra_artifacts: dict[str, Path],
+    version_tags: dict[str, str],
+    description: str,
+) -> VersionInfo:
+    """Register the LoRA as a new (or the existing) version of ``cfg.registered_model_name``."""
+    return register_lora(cfg, lora_dir, extra_artifacts, version_tags, description)[0]
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs a run: lets the next start mark runs of dead processes KILLED (see repair_stale_runs)."""
+    import socket
+
+    return {"spo.pid": str(os.getpid()), "spo.host": socket.gethostname()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def repair_stale_runs(experiment_id: str) -> list[str]:
+    """Mark RUNNING runs of this host whose process is gone (kill -9, OOM) as KILLED; returns their ids."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    fixed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500):
+        tags = run.data.tags
+        pid = tags.get("spo.pid")
+        if tags.get("spo.host") != host or not (pid and pid.isdigit()) or _pid_alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        fixed.append(run.info.run_id)
+    if fixed:
+        log.warning("marked %d run(s) of killed processes as KILLED: %s", len(fixed), ", ".join(fixed))
+    return fixed
 
 
 def resolve_lora_uri(uri: str, cfg: Any | None = None) -> Path:
@@ -732,8 +814,47 @@ def _model_exists(name: str) -> bool:
 
 
 def load_model(uri: str, cfg: Any | None = None):
-    """``mlflow.pyfunc.load_model`` against this project's store."""
+    """``mlflow.pyfunc.load_model`` against this project's store, refusing a version whose model code is not
+    exactly this package's ``spo/serving.py`` (models-from-code runs that file: a tampered artifact store
+    must not be able to run code through it)."""
     import mlflow.pyfunc
 
     init_store(cfg)
+    verify_model_code(uri)
     return mlflow.pyfunc.load_model(uri)
+
+
+def mlflow_artifact_dir(uri: str) -> Path:
+    """The local folder of an artifact URI (local stores: in place; remote ones: a downloaded copy)."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(uri))
+
+
+def verify_model_code(uri: str) -> None:
+    import hashlib
+
+    import mlflow
+    import yaml
+
+    local = Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/MLmodel")).parent
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    flavor = mlmodel.get("flavors", {}).get("python_function", {}) or {}
+    code = flavor.get("model_code_path")
+    if flavor.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or not code:
+        raise TrackingError(
+            f"refusing to load {uri}: it is not a models-from-code spo model (loader "
+            f"{flavor.get('loader_module')!r}); a pickled model can run arbitrary code. Re-register the LoRA "
+            "with `spo register`."
+        )
+    code = Path(code).name
+    stored = local / code
+    expected = model_code_sha256()
+    actual = hashlib.sha256(stored.read_bytes()).hexdigest()
+    if actual != expected:
+        raise TrackingError(
+            f"refusing to load {uri}: its model code {code} (sha256 {actual[:12]}) is not this spo's "
+            f"spo/serving.py (sha256 {expected[:12]}). It was changed in the store, or registered by another "
+            "spo version: re-register the LoRA with `spo register`, or load the LoRA itself with "
+            "`spo generate --model <uri>` (reads only weights)."
+        )

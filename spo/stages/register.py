@@ -102,34 +102,28 @@ def run(cfg) -> dict[str, Any]:
     name = cfg.registered_model_name
     tracking.init_store(cfg)
     lora_md5 = tracking.dvc_md5(lora_dir)
-    existing = tracking.find_version(name, "lineage.lora_md5", lora_md5)
-    if existing is not None:
-        log.info(
-            "LoRA %s is already %s v%s; pointing %r at it",
-            lora_md5,
-            name,
-            existing.version,
-            tracking.CHALLENGER,
-        )
-        version, created = existing.version, False
-    else:
-        lineage = tracking.lineage_tags(cfg, "register")
-        tags = {
-            **lineage,
-            "lineage.lora_md5": lora_md5,
-            **metric_tags(scorers),
-            "eval.primary_metric": cfg.registry.primary_metric,
-            "eval.protocol": eval_protocol(cfg, lineage.get("lineage.base_model_md5")),
-        }
-        primary = scorers[cfg.registry.primary_metric]
-        description = (
-            f"SPO LoRA ({cfg.preset}, base {cfg.model.pretrained}). {cfg.registry.primary_metric}: "
-            f"SPO - base = {primary['diff_mean']:+.4g} (95% CI {primary['diff_ci95'][0]:+.4g} .. "
-            f"{primary['diff_ci95'][1]:+.4g}), win rate {primary.get('win_rate', float('nan')):.3f}."
-        )
-        info = tracking.log_lora_model(cfg, lora_dir, {"eval": metrics_path}, tags, description)
-        version, created = info.version, True
+    lineage = tracking.lineage_tags(cfg, "register")
+    tags = {
+        **lineage,
+        "lineage.lora_md5": lora_md5,
+        **metric_tags(scorers),
+        "eval.primary_metric": cfg.registry.primary_metric,
+        "eval.protocol": eval_protocol(cfg, lineage.get("lineage.base_model_md5")),
+    }
+    primary = scorers[cfg.registry.primary_metric]
+    description = (
+        f"SPO LoRA ({cfg.preset}, base {cfg.model.pretrained}). {cfg.registry.primary_metric}: "
+        f"SPO - base = {primary['diff_mean']:+.4g} (95% CI {primary['diff_ci95'][0]:+.4g} .. "
+        f"{primary['diff_ci95'][1]:+.4g}), win rate {primary.get('win_rate', float('nan')):.3f}."
+    )
+    # Find-or-create by content, transactionally (see tracking.register_lora): an existing version keeps the
+    # tags (the evidence the gate used when it was first registered).
+    info, created = tracking.register_lora(cfg, lora_dir, {"eval": metrics_path}, tags, description)
+    version = info.version
+    if created:
         log.info("registered %s v%s", name, version)
+    else:
+        log.info("LoRA %s is already %s v%s; pointing %r at it", lora_md5, name, version, tracking.CHALLENGER)
     tracking.set_alias(name, tracking.CHALLENGER, version)
     tracking.active().set_tags({"registry.model": name, "registry.version": version})
     summary = {
