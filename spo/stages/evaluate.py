@@ -59,6 +59,9 @@ class EvaluateResult(StageResult):
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     primary: dict[str, Any] | None = None
 
+    def __str__(self) -> str:  # `spo evaluate` prints its result: the JSON it printed as a dict
+        return self.to_json().rstrip()
+
 
 def run(cfg, lora: str | None = None) -> EvaluateResult:
     """Evaluate base vs base + LoRA (``lora``: path, hub id or ``models:/...``; default ``eval.lora`` or
