@@ -49,10 +49,10 @@ def run(root: Path, n_images: int, repeats: int) -> dict:
     import torch
 
     from spo.config import load_config
+    from spo.generation import make_jobs, protocol, sample_images
     from spo.models.diffusion import load_pipeline
     from spo.rewards import SCORER_NAMES, get_scorer, resolve_local_refs, to_tensor_images
     from spo.rewards.aesthetic import AestheticMLP
-    from spo.stages.evaluate import make_jobs, protocol, sample_images
 
     aesthetic = root / "aesthetic_tiny.pth"
     torch.manual_seed(0)

@@ -6,6 +6,9 @@ module with its adapters disabled; there is never a second UNet in memory (the o
 Files are written in the stock diffusers format (``pytorch_lora_weights.safetensors`` with the adapter
 metadata, so that ``lora_alpha != rank`` survives ``load_lora_weights``) and, for webui / ComfyUI users,
 in kohya's ``lora_unet_*`` format with per-module ``.alpha`` tensors.
+
+For inference, :func:`resolve_lora` turns a reference (file, folder, hub id, ``models:/name@alias``) into the
+local file and :func:`load_lora_into_pipeline` loads it into a stock diffusers pipeline.
 """
 
 from __future__ import annotations
@@ -221,3 +224,78 @@ def to_kohya(path: str | Path) -> dict[str, torch.Tensor]:
             rank = kohya[key.replace(".alpha", ".lora_down.weight")].shape[0]
             kohya[key] = torch.tensor(float(alpha if alpha is not None else rank))
     return {k: v.contiguous() for k, v in kohya.items()}
+
+
+# -- resolving and loading a LoRA for inference (spo evaluate / spo generate) ------------------------------
+def resolve_lora(ref: str | None, cfg) -> Path:
+    """A LoRA reference -> the local diffusers-format ``.safetensors`` file.
+
+    ``None``: this run's ``models/spo/lora`` (artifact ``lora``). Otherwise a file, a folder,
+    ``models:/name@alias`` (MLflow registry), a hub id (the repo's ``pytorch_lora_weights.safetensors`` or its
+    only ``.safetensors``) or ``hub_id:filename``.
+    """
+    from spo.errors import SPOError
+    from spo.pipeline_spec import artifact_path
+
+    if ref is None:
+        own = artifact_path(cfg, "lora")
+        if not own.exists():
+            raise SPOError(
+                f"no LoRA at {own}: run `spo train` first, or evaluate another one with "
+                "--lora PATH|HUB_ID|models:/NAME@ALIAS."
+            )
+        return resolve_lora_file(own)
+    if ref.startswith("models:/"):
+        from spo import tracking
+
+        return resolve_lora_file(tracking.resolve_lora_uri(ref, cfg))
+    local = Path(ref).expanduser()
+    if local.exists():
+        if local.is_dir() and not (local / LORA_WEIGHT_NAME).exists():
+            candidates = sorted(local.glob("*.safetensors"))
+            if len(candidates) == 1:
+                return candidates[0]
+        return resolve_lora_file(local)
+    return _hub_lora(ref)
+
+
+def _hub_lora(ref: str) -> Path:
+    from spo.rewards import resolve_weights_file, split_hub_ref
+
+    repo, filename = split_hub_ref(ref)
+    if repo.count("/") != 1:
+        raise ModelLoadError(f"no LoRA file or folder at {ref!r}, and it is not a hub id (owner/name).")
+    if filename:
+        return resolve_weights_file(ref, "LoRA")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=["*.safetensors"]))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not get the LoRA {repo!r} from the hub ({type(exc).__name__}: {exc}). With HF_HUB_OFFLINE=1 it "
+            f"must already be cached (huggingface-cli download {repo}), or pass a local folder."
+        ) from exc
+    files = sorted(folder.rglob("*.safetensors"))
+    preferred = [f for f in files if f.name == LORA_WEIGHT_NAME]
+    if preferred or len(files) == 1:
+        return (preferred or files)[0]
+    raise ModelLoadError(
+        f"hub repo {repo!r} holds {len(files)} .safetensors files ({', '.join(f.name for f in files[:5])}); "
+        f"pick one with --lora {repo}:FILENAME"
+    )
+
+
+def load_lora_into_pipeline(pipe, lora_file: Path, adapter_name: str = "spo") -> None:
+    """Stock ``load_lora_weights``, refusing a file that put nothing into the UNet (wrong architecture)."""
+    try:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(
+            f"could not load the LoRA {lora_file} into the {type(pipe).__name__}: {exc}"
+        ) from exc
+    if adapter_name not in pipe.get_list_adapters().get("unet", []):
+        raise ModelLoadError(
+            f"the LoRA {lora_file} has no UNet weights for this {type(pipe).__name__}; was it trained for another "
+            "base model (model.arch / model.pretrained)?"
+        )

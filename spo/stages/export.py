@@ -13,6 +13,7 @@ from typing import Any
 
 from spo.errors import SPOError
 from spo.models.lora import read_lora_file, resolve_lora_file, to_kohya
+from spo.pipeline_spec import artifact_path
 from spo.utils import atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
@@ -23,7 +24,7 @@ _BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
 def default_output(cfg, fmt: str) -> Path:
-    return cfg.paths.spo_dir / "export" / f"spo-{cfg.preset}-lora-{fmt}.safetensors"
+    return artifact_path(cfg, "spo_dir") / "export" / f"spo-{cfg.preset}-lora-{fmt}.safetensors"
 
 
 def run(cfg, fmt: str = "kohya", lora: str | None = None, output: str | None = None) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def run(cfg, fmt: str = "kohya", lora: str | None = None, output: str | None = N
 
     if fmt not in FORMATS:
         raise SPOError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    source = resolve_lora_file(lora or cfg.paths.lora)
+    source = resolve_lora_file(lora or artifact_path(cfg, "lora"))
     out = Path(output) if output else default_output(cfg, fmt)
     if out.suffix != ".safetensors":
         raise SPOError(f"output {out} must end in .safetensors")

@@ -26,9 +26,10 @@ def run(
     steps: int | None = None,
 ) -> dict[str, Any]:
     from spo.errors import SPOError
+    from spo.generation import png_bytes, protocol, sample_images
     from spo.models.diffusion import load_pipeline
+    from spo.models.lora import load_lora_into_pipeline, resolve_lora
     from spo.rewards import resolve_local_refs
-    from spo.stages.evaluate import load_lora, png_bytes, protocol, resolve_lora, sample_images
 
     cfg = resolve_local_refs(cfg)
 
@@ -45,7 +46,7 @@ def run(
     lora_file = None
     if model is not None:
         lora_file = resolve_lora(model, cfg)
-        load_lora(pipe, lora_file)
+        load_lora_into_pipeline(pipe, lora_file)
     proto = protocol(cfg)
     if steps is not None:
         proto["num_steps"] = steps

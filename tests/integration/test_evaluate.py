@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 from spo_test_helpers import make_cfg
 
+from spo import generation
 from spo.errors import MissingExtraError, ModelLoadError, SPOError
+from spo.models.lora import load_lora_into_pipeline, resolve_lora
 from spo.rewards import resolve_local_refs
 from spo.stages import evaluate, generate
 
@@ -110,12 +112,12 @@ def _pixels(path) -> np.ndarray:
 
 # -- seeds and batching ---------------------------------------------------------------------------------
 def test_seed_rule():
-    assert evaluate.image_seed(0, 0, 0) == 0
-    assert evaluate.image_seed(3, 12, 7) == 3_000_012_007
-    jobs = evaluate.make_jobs(PROMPTS, 4, eval_seed=1)
+    assert generation.image_seed(0, 0, 0) == 0
+    assert generation.image_seed(3, 12, 7) == 3_000_012_007
+    jobs = generation.make_jobs(PROMPTS, 4, eval_seed=1)
     assert len({j.seed for j in jobs}) == 12
     with pytest.raises(ValueError):
-        evaluate.image_seed(0, 0, 1000)
+        generation.image_seed(0, 0, 1000)
 
 
 def test_batched_generation_matches_single_stock_calls(project):
@@ -125,9 +127,9 @@ def test_batched_generation_matches_single_stock_calls(project):
 
     cfg = make_cfg(project, *FAST)
     pipe = load_pipeline(resolve_local_refs(cfg).model)
-    proto = evaluate.protocol(cfg)
+    proto = generation.protocol(cfg)
     seeds = [11, 12, 13]
-    batch = evaluate.sample_images(pipe, PROMPTS, seeds, proto)
+    batch = generation.sample_images(pipe, PROMPTS, seeds, proto)
     for prompt, seed, image in zip(PROMPTS, seeds, batch, strict=True):
         stock = pipe(
             prompt,
@@ -141,9 +143,9 @@ def test_batched_generation_matches_single_stock_calls(project):
         assert np.abs(np.asarray(image).astype(int) - np.asarray(stock).astype(int)).max() <= 1
     # The same call twice gives identical images (across batch sizes only up to float rounding, checked above:
     # with several threads, matmul blocking depends on the batch size).
-    again = evaluate.sample_images(pipe, PROMPTS, seeds, proto)
+    again = generation.sample_images(pipe, PROMPTS, seeds, proto)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again, batch, strict=True))
-    other = evaluate.sample_images(pipe, PROMPTS[:1], [99], proto)[0]
+    other = generation.sample_images(pipe, PROMPTS[:1], [99], proto)[0]
     assert not np.array_equal(np.asarray(other), np.asarray(batch[0]))
 
 
@@ -186,7 +188,7 @@ def test_evaluate_writes_paired_reports(evaluated):
     ]
     assert len(manifests) == 2 and manifests[0] == manifests[1]
     assert sorted(s for _, s in manifests[0]) == sorted(
-        evaluate.image_seed(0, p, k) for p in range(3) for k in range(2)
+        generation.image_seed(0, p, k) for p in range(3) for k in range(2)
     )
 
     grid = Image.open(out / "grid.png")
@@ -323,10 +325,10 @@ def test_sdxl_generation_is_paired_and_takes_a_lora(tiny_models_root, tmp_path):
         tmp_path, *FAST, "model.arch=sdxl", f"model.pretrained={tiny_models_root}/models/base_sdxl"
     )
     pipe = load_pipeline(cfg.model)
-    proto = evaluate.protocol(cfg)
+    proto = generation.protocol(cfg)
     seeds = [5, 6]
-    batch = evaluate.sample_images(pipe, PROMPTS[:2], seeds, proto)
-    single = evaluate.sample_images(pipe, PROMPTS[1:2], seeds[1:], proto)[0]
+    batch = generation.sample_images(pipe, PROMPTS[:2], seeds, proto)
+    single = generation.sample_images(pipe, PROMPTS[1:2], seeds[1:], proto)[0]
     assert np.abs(np.asarray(batch[1]).astype(int) - np.asarray(single).astype(int)).max() <= 1
 
     unet = pipe.unet
@@ -341,6 +343,6 @@ def test_sdxl_generation_is_paired_and_takes_a_lora(tiny_models_root, tmp_path):
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
     )
     fresh = load_pipeline(cfg.model)
-    evaluate.load_lora(fresh, evaluate.resolve_lora(str(tmp_path / "xl_lora"), cfg))
-    with_lora = evaluate.sample_images(fresh, PROMPTS[:1], seeds[:1], proto)[0]
+    load_lora_into_pipeline(fresh, resolve_lora(str(tmp_path / "xl_lora"), cfg))
+    with_lora = generation.sample_images(fresh, PROMPTS[:1], seeds[:1], proto)[0]
     assert np.abs(np.asarray(with_lora).astype(int) - np.asarray(batch[0]).astype(int)).max() > 8

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spo.config import load_config
-from spo.stages.evaluate import markdown_table
+from spo.eval_report import markdown_table
 
 
 def _metrics():
