@@ -56,9 +56,9 @@ def flops_per_pair(cfg) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from spo.models.preference import TimeConditionedCLIP
-    from spo.stages.train_spm import _base_model
+    from spo.spm_training import base_model
 
-    adapter = _base_model(cfg, torch.device("cpu"))
+    adapter = base_model(cfg, torch.device("cpu"))
     spm = TimeConditionedCLIP.from_clip(
         cfg.resolve_ref(cfg.spm.init), cfg.resolve_ref(cfg.spm.processor), cfg.spm.time_embed_dim
     )
@@ -98,6 +98,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from spo.config import load_config
+    from spo.spm_training import SectionTimer
     from spo.stages import train_spm
     from spo.utils import setup_logging
 
@@ -125,7 +126,7 @@ def main() -> None:
         overrides.append(f"spm.batch_size={args.batch_size}")
     cfg = load_config("tiny", overrides, params_file=None)
     try:
-        timer = train_spm.SectionTimer()
+        timer = SectionTimer()
         start = time.perf_counter()
         result = train_spm.run(cfg, timer=timer)
         stage_seconds = time.perf_counter() - start

@@ -179,6 +179,7 @@ class BaseTrainConfig(Section):
     lr: float = Field(1e-3, gt=0)  # UNet and CLIP
     num_images: int = Field(2000, ge=1)
     sample_steps: int = Field(20, ge=1)
+    max_consecutive_nonfinite: int = Field(5, ge=1)  # non-finite losses in a row before a phase aborts
 
 
 class SPMConfig(Section):
@@ -215,6 +216,8 @@ class SPMConfig(Section):
     # Matters when the VAE round trip visibly changes images (the tiny world's VAE drops colour and grain):
     # then t = 0 -- clean images at evaluation, final images in SPO -- would otherwise never be seen in training.
     clean_fraction: float = Field(0.0, ge=0, le=1)
+    # Non-finite losses in a row (each skipped) before training aborts with a NonFiniteError.
+    max_consecutive_nonfinite: int = Field(5, ge=1)
 
     @field_validator("eval_timesteps")
     @classmethod

@@ -1,4 +1,5 @@
-"""Losses: the SPO step loss, the SPM (PickScore-style) loss, and win/lose selection from SPM scores."""
+"""Losses: the SPO step loss, the SPM (PickScore-style) loss and its per-process share (``shard_loss``), and
+win/lose selection from SPM scores."""
 
 from __future__ import annotations
 
@@ -38,6 +39,26 @@ def spm_loss(
         return per_example.mean()
     w = weight.to(per_example)
     return (w * per_example).sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+
+
+def shard_loss(
+    scores_0: torch.Tensor,
+    scores_1: torch.Tensor,
+    label_0: torch.Tensor,
+    label_1: torch.Tensor,
+    weight: torch.Tensor,
+    mean_weight_sum: torch.Tensor,
+) -> torch.Tensor:
+    """This process's share of the global-batch SPM loss.
+
+    The pairwise loss needs no other process's features (each pair is scored against its own prompt, no in-batch
+    negatives), so features are not all-gathered: that would move 3·B·D floats per step and buy nothing. Only
+    the weight normalisation is global. Scaling the local loss Σ_local w·ℓ / Σ_local w by Σ_local w /
+    mean_p(Σ_p w) makes DDP's average of the per-process gradients equal the gradient of Σ_global w·ℓ /
+    Σ_global w, the PickScore loss on the global batch, for one scalar all-reduce (``mean_weight_sum``).
+    """
+    local = weight.sum()
+    return spm_loss(scores_0, scores_1, label_0, label_1, weight) * (local / mean_weight_sum.clamp(min=1e-12))
 
 
 # ----------------------------------------------------------------------------------------------------------

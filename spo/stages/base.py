@@ -14,296 +14,202 @@ Pick-a-Pic images and captions:
 
 Everything is saved as ordinary folders (``models/base`` via ``save_pretrained``; ``models/base/clip``)
 and read back afterwards only through ``from_pretrained`` -- the same call the real presets use.
+
+After each phase a checkpoint (``checkpoints/base/checkpoint-<1|2|3>``, the training kit's
+:class:`~spo.training.CheckpointManager`) holds the models trained so far; ``run(cfg, resume="latest")``
+trains only the phases it does not hold. Each phase draws from its own seed stream of ``base.seed``, so a
+resumed run ends with the same models as an uninterrupted one. The phases themselves are in
+:mod:`spo.base_training`.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from spo import tracking
-from spo.errors import SPOError
-from spo.utils import (
-    atomic_dir,
-    atomic_write_bytes,
-    atomic_write_json,
-    get_logger,
-    hash_tree,
-    read_json,
-    seed_everything,
+from spo.base_training import (
+    clip_text_encoder,
+    load_training_images,
+    save_sample_grid,
+    train_clip,
+    train_unet,
+    train_vae,
 )
+from spo.pipeline_spec import artifact_path
+from spo.results import StageResult
+from spo.training import CheckpointManager, RunIdentity, require_finite, seed_generator
+from spo.utils import atomic_dir, atomic_write_text, get_logger, hash_tree, read_json, seed_everything
 
 log = get_logger(__name__)
 
-INFO_FILE = "spo_base.json"
-GRID_FILE = "base_samples.png"
+SECTIONS = ("base", "synthetic", "model")  # what shapes the base models (fingerprint, checkpoint lineage)
+PHASES = ("clip", "vae", "unet")  # in training order; one checkpoint after each (checkpoint-1 .. -3)
+
+
+@dataclass
+class BaseResult(StageResult):
+    """What ``spo base`` returns; a skipped run reports ``skipped`` (and, when up to date, the saved info)."""
+
+    stage: ClassVar[str] = "base"
+    skipped: str | None = None
+    fingerprint: str | None = None
+    final_loss: dict[str, float | None] | None = None
+    seconds: dict[str, float] | None = None
+    num_images: int | None = None
+    data_hash: str | None = None
+    grid_prompts: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # Only what was reported: the keys of a skipped run are those it had as a plain dict.
+        return {k: v for k, v in super().to_dict().items() if v is not None or k in self.extra}
 
 
 def _fingerprint(cfg) -> str:
-    return cfg.section_hash("base", "synthetic", "model")
+    return cfg.section_hash(*SECTIONS)
 
 
 def is_up_to_date(cfg) -> bool:
-    info = cfg.paths.base_model / INFO_FILE
-    if not info.exists() or not (cfg.paths.base_clip / "config.json").exists():
+    info = artifact_path(cfg, "base_info")
+    if not info.exists() or not (artifact_path(cfg, "base_clip") / "config.json").exists():
         return False
     return read_json(info).get("fingerprint") == _fingerprint(cfg)
 
 
-def load_training_images(cfg, limit: int) -> tuple[torch.Tensor, list[str]]:
-    """Decode up to ``limit`` images (both images of each train pair) with their captions, as [-1, 1]."""
-    import itertools
+# ------------------------------------------------------------------------------------------------------------
+# The stage: three phases, a checkpoint after each
+# ------------------------------------------------------------------------------------------------------------
+class _Models:
+    """The models the phases train. Rebuilt from code as in a fresh run, then -- on resume -- the weights of
+    the completed phases are loaded from the checkpoint (``<phase>.pt``)."""
 
-    import pyarrow.parquet as pq
+    def __init__(self, cfg):
+        from spo.data.synthetic import VOCABULARY
+        from spo.models.tiny import build_tiny_clip
 
-    from spo.data.pickapic import decode_image
-
-    shards = sorted((cfg.paths.raw_data / "data").glob(f"{cfg.data.train_split}-*.parquet"))
-    if not shards:
-        raise SPOError(
-            f"no training shards under {cfg.paths.raw_data / 'data'}; run `spo synth` first to generate the tiny world"
+        self.cfg = cfg
+        self.clip, self.processor = build_tiny_clip(
+            words=VOCABULARY, image_size=cfg.model.resolution, seed=cfg.base.seed
         )
+        self._pipe = None
 
-    def images_with_captions():
-        for shard in shards:
-            for batch in pq.ParquetFile(shard).iter_batches(columns=["caption", "jpg_0", "jpg_1"], batch_size=1024):
-                rows = zip(*(batch.column(c).to_pylist() for c in ("caption", "jpg_0", "jpg_1")), strict=True)
-                for caption, jpg_0, jpg_1 in rows:
-                    yield jpg_0, caption
-                    yield jpg_1, caption
+    @property
+    def pipe(self):
+        """The SD-1.5 pipeline; built once the CLIP is trained, its text encoder the CLIP's text tower."""
+        if self._pipe is None:
+            from spo.models.tiny import build_tiny_sd15
 
-    pairs = list(itertools.islice(images_with_captions(), limit))
-    pixels = torch.stack([decode_image(jpg, cfg.model.resolution) for jpg, _ in pairs])
-    return pixels, [caption for _, caption in pairs]
+            text_encoder = clip_text_encoder(self.clip)
+            self._pipe = build_tiny_sd15(seed=self.cfg.base.seed, text_encoder=text_encoder, tokenizer=self.processor.tokenizer)
+        return self._pipe
 
+    def module(self, phase: str) -> torch.nn.Module:
+        return self.clip if phase == "clip" else getattr(self.pipe, phase)
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    for _ in range(steps):
-        yield torch.randint(0, n, (batch_size,), generator=generator)
+    def write(self, folder: Path, done: list[str]) -> None:
+        for phase in done:
+            torch.save(self.module(phase).state_dict(), folder / f"{phase}.pt")
 
-
-def _cosine_lr(step: int, total: int, warmup: int = 50) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def _train_loop(name: str, params, steps: int, lr: float, loss_fn, batch_indices) -> float:
-    """AdamW with warm-up + cosine decay; returns the mean loss of the last 10 % of steps."""
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
-    tail: list[float] = []
-    bar = tqdm(batch_indices, total=steps, desc=f"base/{name}", leave=False, mininterval=1.0)
-    for step, idx in enumerate(bar):
-        loss = loss_fn(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise SPOError(f"base/{name}: loss became {value} at step {step}; lower base.lr and retry")
-        if step >= steps - max(1, steps // 10):
-            tail.append(value)
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{value:.4f}")
-            tracking.active().log_metrics({f"base/{name}_loss": value}, step=step)
-    return float(np.mean(tail)) if tail else float("nan")
+    def restore(self, folder: Path, state: dict[str, Any]) -> None:
+        for phase in PHASES:  # in order: the pipeline's text encoder is copied from the restored CLIP
+            if phase in state["done"]:
+                self.module(phase).load_state_dict(torch.load(folder / f"{phase}.pt", weights_only=True))
+        if state.get("vae_scaling_factor") is not None:
+            self.pipe.vae.register_to_config(scaling_factor=state["vae_scaling_factor"])
 
 
-def train_vae(vae, pixels: torch.Tensor, cfg, gen: torch.Generator) -> float:
-    def loss_fn(idx):
-        x = pixels[idx]
-        dist = vae.encode(x).latent_dist
-        recon = vae.decode(dist.sample(gen)).sample
-        kl = dist.kl().mean() / x[0].numel()
-        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
-
-    vae.train()
-    loss = _train_loop("vae", vae.parameters(), cfg.base.vae_steps, cfg.base.vae_lr, loss_fn,
-                       _batches(len(pixels), cfg.base.vae_batch_size, cfg.base.vae_steps, gen))
-    vae.eval()
-    with torch.no_grad():
-        sample = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, min(len(pixels), 1024), 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
-    return loss
+def _run_phase(phase: str, models: _Models, pixels, captions, cfg, gen) -> float:
+    if phase == "clip":
+        return train_clip(models.clip, models.processor, pixels, captions, cfg, gen)
+    if phase == "vae":
+        return train_vae(models.pipe.vae, pixels, cfg, gen)
+    return train_unet(models.pipe, pixels, captions, cfg, gen)
 
 
-def train_unet(pipe, pixels: torch.Tensor, captions: list[str], cfg, gen: torch.Generator) -> float:
-    vae, unet, text_encoder, tokenizer, sched = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
-    scale = vae.config.scaling_factor
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)]) * scale
-        # The text encoder is frozen, so each distinct caption is encoded once; "" is CFG's unconditional prompt.
-        vocab = sorted(set(captions)) + [""]
-        tokens = tokenizer(vocab, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids
-        text_states = torch.cat([text_encoder(tokens[i : i + 256])[0] for i in range(0, len(vocab), 256)])
-    caption_ids = _index(vocab, captions)
-    empty_id = len(vocab) - 1
-    alphas = sched.alphas_cumprod
-
-    def loss_fn(idx):
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        ids = caption_ids[idx].clone()
-        ids[torch.rand(len(idx), generator=gen) < 0.1] = empty_id
-        pred = unet(xt, t, encoder_hidden_states=text_states[ids]).sample
-        return F.mse_loss(pred, noise)
-
-    unet.train()
-    loss = _train_loop("unet", unet.parameters(), cfg.base.unet_steps, cfg.base.lr, loss_fn,
-                       _batches(len(latents), cfg.base.batch_size, cfg.base.unet_steps, gen))
-    unet.eval()
-    return loss
+def _train_phases(cfg, resume: str | Path | None, pixels, captions) -> tuple[_Models, dict[str, Any]]:
+    """Train the phases a checkpoint does not already hold, checkpointing after each."""
+    checkpoints = CheckpointManager(
+        cfg.paths.checkpoints / "base", RunIdentity.for_config(cfg, SECTIONS), keep=1, name="base checkpoint"
+    )
+    resumed = checkpoints.start(resume)
+    models = _Models(cfg)
+    state: dict[str, Any] = {"done": [], "losses": {}, "seconds": {}, "vae_scaling_factor": None}
+    if resumed is not None:
+        state = resumed.state
+        models.restore(resumed.path, state)
+        log.info("base: phases %s restored from %s", ", ".join(state["done"]) or "(none)", resumed.path)
+    for i, phase in enumerate(PHASES, start=1):
+        if phase in state["done"]:
+            continue
+        t = time.perf_counter()
+        # One seed stream per phase: a resumed run trains the remaining phases exactly as an uninterrupted one.
+        state["losses"][phase] = _run_phase(phase, models, pixels, captions, cfg, seed_generator(cfg.base.seed, i))
+        state["seconds"][f"{phase}_s"] = time.perf_counter() - t
+        require_finite(models.module(phase).parameters(), f"base/{phase}: the trained weights",
+                       f"Lower {'base.vae_lr' if phase == 'vae' else 'base.lr'} and retry.")
+        state["done"].append(phase)
+        if phase == "vae":
+            state["vae_scaling_factor"] = float(models.pipe.vae.config.scaling_factor)
+        checkpoints.save(i, state, write=lambda folder: models.write(folder, state["done"]))
+    return models, state
 
 
-def clip_text_encoder(clip):
-    """The CLIP's text tower as a standalone ``CLIPTextModel`` (what SD-1.5 pipelines hold)."""
-    from transformers import CLIPTextModel
-
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.load_state_dict(clip.text_model.state_dict())
-    return text_encoder.requires_grad_(False).eval()
-
-
-def _index(vocab: list[str], items: list[str]) -> torch.Tensor:
-    pos = {c: i for i, c in enumerate(vocab)}
-    return torch.tensor([pos[c] for c in items])
-
-
-def train_clip(model, processor, pixels: torch.Tensor, captions: list[str], cfg, gen: torch.Generator) -> float:
-    from spo.models.preference import preprocess_images
-
-    vocab = sorted(set(captions))
-    tokens = processor.tokenizer(vocab, padding="max_length", max_length=processor.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt")
-    caption_ids = _index(vocab, captions)
-    by_caption: dict[int, list[int]] = {}
-    for i, c in enumerate(caption_ids.tolist()):
-        by_caption.setdefault(c, []).append(i)
-    groups = list(by_caption.values())
-    bs = min(cfg.base.batch_size, len(groups))
-
-    def sample_batch():
-        # Distinct captions within a batch, so the contrastive targets are unambiguous.
-        for _ in range(cfg.base.clip_steps):
-            chosen = torch.randperm(len(groups), generator=gen)[:bs].tolist()
-            yield torch.tensor([groups[g][int(torch.randint(len(groups[g]), (1,), generator=gen))] for g in chosen])
-
-    def loss_fn(idx):
-        images = preprocess_images(pixels[idx], processor.image_processor)
-        ids = caption_ids[idx]
-        img = F.normalize(model.get_image_features(pixel_values=images).pooler_output, dim=-1)
-        txt = F.normalize(model.get_text_features(input_ids=tokens.input_ids[ids],
-                                                  attention_mask=tokens.attention_mask[ids]).pooler_output, dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T
-        target = torch.arange(len(idx))
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-    model.train()
-    loss = _train_loop("clip", model.parameters(), cfg.base.clip_steps, cfg.base.lr, loss_fn, sample_batch())
-    model.eval()
-    return loss
-
-
-def save_sample_grid(pipe, prompts: list[str], path: Path, cfg, per_prompt: int = 4) -> None:
-    """Rows of ``per_prompt`` samples (fixed seeds, CFG 5), each row labelled with its prompt."""
-    from PIL import Image, ImageDraw
-
-    rows = []
-    for i, prompt in enumerate(prompts):
-        gens = [torch.Generator().manual_seed(1000 * i + j) for j in range(per_prompt)]
-        out = pipe([prompt] * per_prompt, num_inference_steps=cfg.base.sample_steps, guidance_scale=5.0,
-                   height=cfg.model.resolution, width=cfg.model.resolution, generator=gens, output_type="np")
-        rows.append(np.concatenate(list(out.images), axis=1))
-    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    scale = max(1, 128 // cfg.model.resolution)
-    cell = cfg.model.resolution * scale
-    samples = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    label_width = 420
-    canvas = Image.new("RGB", (label_width + samples.width, samples.height), "white")
-    canvas.paste(samples, (label_width, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, prompt in enumerate(prompts):
-        draw.text((6, i * cell + cell // 2 - 6), prompt, fill="black")
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def run(cfg, force: bool = False) -> dict:
+def run(cfg, force: bool = False, resume: str | Path | None = None) -> BaseResult:
+    """Train the tiny base model and CLIP into models/base (``resume``: "latest" or a checkpoint folder of
+    checkpoints/base, whose completed phases are not trained again)."""
     if not cfg.is_tiny:
         msg = f"base pretraining is only for the tiny preset; preset {cfg.preset} loads {cfg.model.pretrained}"
         log.info(msg)
         # dvc.yaml declares models/base for every preset: leave a placeholder rather than a missing output.
-        if not cfg.paths.base_model.exists():
-            with atomic_dir(cfg.paths.base_model) as tmp:
+        if not artifact_path(cfg, "base_model").exists():
+            with atomic_dir(artifact_path(cfg, "base_model")) as tmp:
                 (tmp / "README.txt").write_text(f"Placeholder: {msg}.\n")
-        return {"skipped": msg}
+        return BaseResult(skipped=msg)
     if not force and is_up_to_date(cfg):
         log.info("models/base is up to date (fingerprint %s); use --force to retrain", _fingerprint(cfg))
-        return {"skipped": "up to date", **read_json(cfg.paths.base_model / INFO_FILE)}
-
-    from spo.data.synthetic import VOCABULARY
-    from spo.models.tiny import build_tiny_clip, build_tiny_sd15
+        return BaseResult.from_dict({"skipped": "up to date", **read_json(artifact_path(cfg, "base_info"))})
 
     seed_everything(cfg.base.seed)
-    gen = torch.Generator().manual_seed(cfg.base.seed)
     t0 = time.perf_counter()
     pixels, captions = load_training_images(cfg, cfg.base.num_images)
     log.info("base: %d training images, %d distinct captions", len(pixels), len(set(captions)))
-
-    timings, losses = {}, {}
-    clip, processor = build_tiny_clip(words=VOCABULARY, image_size=cfg.model.resolution, seed=cfg.base.seed)
-    t = time.perf_counter()
-    losses["clip"] = train_clip(clip, processor, pixels, captions, cfg, gen)
-    timings["clip_s"] = time.perf_counter() - t
-
-    pipe = build_tiny_sd15(seed=cfg.base.seed, text_encoder=clip_text_encoder(clip), tokenizer=processor.tokenizer)
-    t = time.perf_counter()
-    losses["vae"] = train_vae(pipe.vae, pixels, cfg, gen)
-    timings["vae_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    losses["unet"] = train_unet(pipe, pixels, captions, cfg, gen)
-    timings["unet_s"] = time.perf_counter() - t
+    models, state = _train_phases(cfg, resume, pixels, captions)
+    timings = dict(state["seconds"])
     timings["total_s"] = time.perf_counter() - t0
+    info = BaseResult(
+        fingerprint=_fingerprint(cfg),
+        final_loss={k: round(v, 5) for k, v in state["losses"].items()},
+        seconds={k: round(v, 1) for k, v in timings.items()},
+        num_images=len(pixels),
+        data_hash=hash_tree(artifact_path(cfg, "raw_data") / "data"),
+    )
+    with atomic_dir(artifact_path(cfg, "base_model")) as tmp:
+        models.pipe.save_pretrained(tmp)
+        clip_dir = tmp / artifact_path(cfg, "base_clip").relative_to(artifact_path(cfg, "base_model"))
+        models.clip.save_pretrained(clip_dir)
+        models.processor.save_pretrained(clip_dir)
+        atomic_write_text(tmp / artifact_path(cfg, "base_info").name, info.to_json())
+    return _report(cfg, info, captions)
 
-    info = {
-        "fingerprint": _fingerprint(cfg),
-        "final_loss": {k: round(v, 5) for k, v in losses.items()},
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
-        "num_images": len(pixels),
-        "data_hash": hash_tree(cfg.paths.raw_data / "data"),
-    }
-    with atomic_dir(cfg.paths.base_model) as tmp:
-        pipe.save_pretrained(tmp)
-        clip.save_pretrained(tmp / "clip")
-        processor.save_pretrained(tmp / "clip")
-        atomic_write_json(tmp / INFO_FILE, info)
 
-    # The grid is drawn from the saved folder, through the same loader every later stage uses.
+def _report(cfg, info: BaseResult, captions: list[str]) -> BaseResult:
+    """The sample grid, drawn from the saved folder through the loader every later stage uses."""
     from spo.models.diffusion import load_pipeline
 
     saved = load_pipeline(cfg.model, cfg=cfg)
     prompts = sorted(set(captions))[:: max(1, len(set(captions)) // 6)][:6]
-    save_sample_grid(saved, prompts, cfg.paths.reports / GRID_FILE, cfg)
-    info["grid_prompts"] = prompts
-    atomic_write_json(cfg.paths.reports / "base_train.json", info)
-    tracking.active().log_metrics({f"base/final_{k}_loss": v for k, v in losses.items()})
-    tracking.active().log_artifact(cfg.paths.reports / GRID_FILE)
-    log.info("base: trained in %.0f s (vae %.4f, unet %.4f, clip %.4f); grid at %s", timings["total_s"],
-             losses["vae"], losses["unet"], losses["clip"], cfg.paths.reports / GRID_FILE)
+    grid = artifact_path(cfg, "base_samples")
+    save_sample_grid(saved, prompts, grid, cfg)
+    info.grid_prompts = prompts
+    info.write(artifact_path(cfg, "base_report"))
+    losses = info.final_loss or {}
+    tracking.active().log_metrics({f"base/final_{k}_loss": v for k, v in losses.items() if math.isfinite(v)})
+    tracking.active().log_artifact(grid)
+    log.info("base: trained in %.0f s (%s); grid at %s", (info.seconds or {}).get("total_s", 0.0),
+             ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), grid)
     return info

@@ -55,6 +55,14 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
+def _article(noun: str) -> str:
+    """'an' before a vowel sound: a vowel, or an initialism read letter by letter ("an SPM checkpoint")."""
+    word = noun.split()[0] if noun.split() else noun
+    if word[:1].lower() in "aeiou" or (word.isupper() and word[:1] in "AEFHILMNORSX"):
+        return "an"
+    return "a"
+
+
 def config_differences(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
     """``key: old -> new`` for every config key that differs (sections as nested dicts)."""
     a, b = _flatten(old or {}), _flatten(new or {})
@@ -193,8 +201,8 @@ class CheckpointManager:
         if not (path / STATE_FILE).exists():
             known = ", ".join(str(p) for p in self.list()) or f"(none under {self.root})"
             raise SPOError(
-                f"--resume {resume}: not a {self.name} (no {STATE_FILE} in it). Use --resume latest, or one "
-                f"of: {known}. Start without --resume for a fresh run."
+                f"--resume {resume}: not {_article(self.name)} {self.name} (no {STATE_FILE} in it). Use --resume "
+                f"latest, or one of: {known}. Start without --resume for a fresh run."
             )
         return path
 

@@ -76,3 +76,59 @@ def test_base_without_data_says_what_to_do(tmp_path):
     with pytest.raises(SPOError, match="spo synth"):
         base.run(make_cfg(tmp_path, "tracking.enabled=false"))
     assert not (tmp_path / "models" / "base").exists()
+
+
+def test_base_resume_skips_the_completed_phases(tiny_project, monkeypatch):
+    from spo_test_helpers import make_cfg
+    from transformers import CLIPModel
+
+    from spo.stages import base
+
+    cfg = make_cfg(tiny_project.paths.root, *TINY_STEPS, "tracking.enabled=false")
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed after the clip phase")
+
+    monkeypatch.setattr(base, "train_vae", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        base.run(cfg, force=True)
+    root = cfg.paths.checkpoints / "base"
+    assert [p.name for p in root.glob("checkpoint-*")] == ["checkpoint-1"]
+    clip_loss = json.loads((root / "checkpoint-1" / "trainer_state.json").read_text())["state"]["losses"]["clip"]
+    clip_weights = torch.load(root / "checkpoint-1" / "clip.pt", weights_only=True)
+
+    monkeypatch.undo()
+
+    def clip_again(*args, **kwargs):
+        raise AssertionError("the completed clip phase was trained again")
+
+    monkeypatch.setattr(base, "train_clip", clip_again)
+    info = base.run(cfg, force=True, resume="latest")
+    assert set(info["final_loss"]) == {"clip", "vae", "unet"}
+    assert info["final_loss"]["clip"] == pytest.approx(round(clip_loss, 5))
+    # The saved CLIP is the checkpoint's, and the text encoder is its text tower.
+    saved = CLIPModel.from_pretrained(cfg.paths.base_clip).state_dict()
+    for name, tensor in clip_weights.items():
+        assert torch.equal(saved[name], tensor), name
+    assert [p.name for p in root.glob("checkpoint-*")] == ["checkpoint-3"]  # keep=1: the newest holds all
+    # ... and ends where an uninterrupted run ends (one seed stream per phase).
+    monkeypatch.undo()
+    assert base.run(cfg, force=True)["final_loss"] == info["final_loss"]
+
+
+def test_base_nonfinite_loss_is_skipped_then_stops_naming_the_lr(tiny_cfg):
+    from spo.base_training import train_loop
+    from spo.errors import NonFiniteError
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    before = weight.detach().clone()
+    nan_loss = lambda idx: weight.sum() * float("nan")  # noqa: E731
+    limit = tiny_cfg.base.max_consecutive_nonfinite
+    with pytest.raises(NonFiniteError, match="base.lr"):
+        train_loop("unet", [weight], 20, 1e-3, nan_loss, iter([None] * 20), tiny_cfg)
+    assert torch.equal(weight.detach(), before)  # no non-finite step was applied
+    # Fewer than the limit in a row are skipped and training goes on.
+    calls = iter(range(100))
+    flaky = lambda idx: weight.sum() * (float("nan") if next(calls) % limit == 0 else 1.0)  # noqa: E731
+    loss = train_loop("unet", [weight], 20, 1e-3, flaky, iter([None] * 20), tiny_cfg)
+    assert loss == loss and torch.isfinite(weight).all() and not torch.equal(weight.detach(), before)

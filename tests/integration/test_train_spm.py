@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from spm_helpers import official_layout, perturb_time_conditioning
 from spo_test_helpers import make_cfg
 
+from spo import spm_training
 from spo.errors import ModelLoadError, NonFiniteError
 from spo.models.preference import load_spm
 from spo.stages import train_spm
@@ -62,13 +64,13 @@ def test_train_spm_outputs_and_resume_continue_the_same_run(tiny_project):
     assert torch.isfinite(spm.score(images, ["a red circle", "a blue square"], torch.tensor([0, 500]))).all()
 
     # Checkpoints at steps 2 and 4 (the limit keeps both).
-    ckpts = sorted(p.name for p in (cfg.paths.checkpoints / "spm").glob("step-*"))
-    assert ckpts == ["step-000002", "step-000004"]
+    ckpts = sorted(p.name for p in (cfg.paths.checkpoints / "spm").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
 
     # Resume from step 2 in a fresh copy of the outputs: steps 3 and 4 repeat exactly, and so does the model.
     first_weights = {k: v.clone() for k, v in spm.state_dict().items()}
     shutil.rmtree(cfg.paths.spm_model)
-    resumed = train_spm.run(cfg, resume=str(cfg.paths.checkpoints / "spm" / "step-000002"))
+    resumed = train_spm.run(cfg, resume=str(cfg.paths.checkpoints / "spm" / "checkpoint-2"))
     assert resumed["steps"] == 4
     curves_b = _read_csv(cfg.paths.reports / "spm_train_curves.csv")
     assert [int(r["step"]) for r in curves_b] == [1, 2, 3, 4]
@@ -151,19 +153,19 @@ def test_validation_accuracy_cached_and_uncached_agree_with_a_hand_count(tiny_pr
     from spo.models.preference import TimeConditionedCLIP
 
     cfg = _cfg(tiny_project)
-    accelerator = train_spm._accelerator(cfg, tmp_path)
-    _, val = train_spm._streams(cfg)
-    denoiser = train_spm.PairDenoiser(train_spm._base_model(cfg, accelerator.device), cfg.spm.cfg_scale)
+    accelerator = spm_training.make_accelerator(cfg, tmp_path)
+    _, val = spm_training.pair_streams(cfg)
+    denoiser = spm_training.PairDenoiser(spm_training.base_model(cfg, accelerator.device), cfg.spm.cfg_scale)
     spm = TimeConditionedCLIP.from_clip(str(cfg.paths.base_clip), time_embed_dim=64).eval()
     perturb_time_conditioning(spm, seed=2, scale=0.3)
     timesteps = [0, 501, 951]
 
-    cached = train_spm.ValidationSet(val, denoiser, timesteps, 42, accelerator)
+    cached = spm_training.ValidationSet(val, denoiser, timesteps, 42, accelerator)
     first, n = cached.accuracy({"m": spm})
     rendered = denoiser.counts["pairs"]
     again, _ = cached.accuracy({"m": spm})
     assert denoiser.counts["pairs"] == rendered  # served from the cache: no UNet/VAE work
-    uncached, _ = train_spm.ValidationSet(val, denoiser, timesteps, 42, accelerator, cache_bytes=0).accuracy(
+    uncached, _ = spm_training.ValidationSet(val, denoiser, timesteps, 42, accelerator, cache_bytes=0).accuracy(
         {"m": spm}
     )
     assert first == again == uncached
@@ -182,10 +184,29 @@ def test_validation_accuracy_cached_and_uncached_agree_with_a_hand_count(tiny_pr
     assert first["m"]["0"] == pytest.approx(right / total)
 
 
-def test_resume_latest_without_checkpoints_says_what_to_do(tiny_cfg):
+def test_resume_latest_without_checkpoints_says_what_to_do(tiny_cfg, caplog):
     from spo.errors import SPOError
 
-    with pytest.raises(SPOError, match="Start without --resume"):
+    # The kit's rule: --resume latest with no checkpoint starts a fresh run (here it then stops at the
+    # missing prepared data, not at the resume).
+    with caplog.at_level(logging.INFO), pytest.raises(SPOError, match="spo prepare"):
         train_spm.run(tiny_cfg, resume="latest")
+    assert "starting a fresh run" in caplog.text
     with pytest.raises(SPOError, match="not an SPM checkpoint"):
         train_spm.run(tiny_cfg, resume=str(tiny_cfg.paths.root))
+
+
+def test_resumed_run_warns_on_a_config_change_only(tiny_project, caplog):
+    cfg = _cfg(tiny_project, "spm.max_steps=2", "spm.eval_timesteps=[0]")
+    train_spm.run(cfg)
+    ckpt = cfg.paths.checkpoints / "spm" / "checkpoint-2"
+    assert ckpt.is_dir()
+    with caplog.at_level(logging.WARNING, logger="spo.training.checkpoints"):
+        train_spm.run(cfg, resume=str(ckpt))
+    assert "different config" not in caplog.text
+    caplog.clear()
+    changed = _cfg(tiny_project, "spm.max_steps=2", "spm.eval_timesteps=[0]", "spm.lr=1e-5")
+    with caplog.at_level(logging.WARNING, logger="spo.training.checkpoints"):
+        result = train_spm.run(changed, resume=str(ckpt))
+    assert "different config" in caplog.text and "spm.lr" in caplog.text
+    assert result["steps"] == 2

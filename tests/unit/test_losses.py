@@ -101,3 +101,13 @@ def test_select_pairs_threshold():
     gap0 = (math.exp(3) - 1) / (math.exp(3) + 1)  # softmax([3, 0]) gap = tanh(1.5)
     assert sel.gap[0].item() == pytest.approx(gap0, rel=1e-6)
     assert sel.keep.tolist() == [True, False]
+
+
+def test_shard_loss_of_a_single_process_is_the_spm_loss():
+    from spo.losses import shard_loss
+
+    g = torch.Generator().manual_seed(0)
+    s0, s1 = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    l0 = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 1.0])
+    w = torch.rand(6, generator=g) + 0.1
+    torch.testing.assert_close(shard_loss(s0, s1, l0, 1 - l0, w, w.sum()), spm_loss(s0, s1, l0, 1 - l0, w))

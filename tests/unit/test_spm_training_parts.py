@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spo.losses import spm_loss
+from spo.losses import shard_loss, spm_loss
 from spo.models.diffusion import DiffusionAdapter, load_pipeline
 from spo.models.preference import TimeConditionedCLIP
-from spo.stages.train_spm import PairDenoiser, pair_correct, relabel, shard_loss
+from spo.spm_training import PairDenoiser, pair_correct, relabel
 
 CAPTIONS = ["a red circle", "a blue square on a green background", "a small star"]
 
@@ -116,21 +116,21 @@ def test_sharded_loss_gradients_average_to_the_global_batch_loss():
 
 
 def test_clean_fraction_shows_some_pairs_clean_at_t0(tiny_models_root):
-    from spo.stages.train_spm import NO_TIMER, _training_images
+    from spo.spm_training import NO_TIMER, training_images
 
     denoiser = PairDenoiser(_adapter(tiny_models_root, "sd15"), cfg_scale=5.0)
     img0, img1 = _images(0, 8), _images(1, 8)
     captions = ["a red circle"] * 8
 
     t = torch.full((8,), 700)
-    x0, x1 = _training_images(
+    x0, x1 = training_images(
         denoiser, img0, img1, captions, t, torch.Generator().manual_seed(0), 1.0, NO_TIMER
     )
     assert torch.equal(x0, img0) and torch.equal(x1, img1) and (t == 0).all()
     assert denoiser.counts["pairs"] == 0  # nothing rendered
 
     t = torch.full((8,), 700)
-    x0, x1 = _training_images(
+    x0, x1 = training_images(
         denoiser, img0, img1, captions, t, torch.Generator().manual_seed(3), 0.5, NO_TIMER
     )
     clean = t == 0
