@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from spo import tracking
 from spo.errors import ModelLoadError, SPOError
-from spo.models.lora import LORA_WEIGHT_NAME, save_lora
+from spo.models.lora import save_lora
 from spo.pipeline_spec import artifact_path
 from spo.results import StageResult
 from spo.spo_trainer import CURVE_FIELDS, SECTIONS, SPOTrainer, make_accelerator, set_tf32
@@ -162,7 +162,7 @@ def run(cfg, resume: str | None = None, scorer=None) -> TrainSPOResult:
             "spm": spm_lineage(cfg),
             "base_model": str(cfg.model.pretrained),
             "arch": cfg.model.arch,
-            "lora": str(artifact_path(cfg, "lora") / LORA_WEIGHT_NAME),
+            "lora": str(artifact_path(cfg, "lora_weights")),
             "config_hash": cfg.section_hash(*SECTIONS),
             "resumed_from": str(resumed.path) if resumed else None,
             "wall_time_s": round(time.time() - started, 1),
