@@ -7,7 +7,7 @@
 Two variants of one SPO iteration (sample a prompt batch with the candidate-pool sampler, then train on the
 kept pairs), each in its own subprocess so that peak memory is measured separately:
 
-* ``ours``: spo/stages/train_spo.py as shipped: LoRA reference = the same UNet with adapters off, one policy
+* ``ours``: spo/spo_trainer.py (``spo train``) as shipped: LoRA reference = the same UNet with adapters off, one policy
   forward (with grad) and one reference forward (no grad) per pair on the shared x_t;
 * ``official``: RockeyCoss/SPO's training step: a deep-copied reference UNet and 4 UNet calls per pair
   (policy on win, policy on lose, reference on win, reference on lose, identical x_t), no ``no_grad`` around
@@ -140,7 +140,7 @@ def setup(size: str, root: str | None, reference_copy: bool):
     """(cfg, trainer, deep-copied reference UNet or None) for one benchmark size."""
     from spo.config import load_config
     from spo.models.diffusion import DiffusionAdapter
-    from spo.stages import train_spo
+    from spo.spo_trainer import SPOTrainer, make_accelerator
 
     spec = SIZES[size]
     tmp = Path(tempfile.mkdtemp(prefix="bench_spo_"))
@@ -159,9 +159,9 @@ def setup(size: str, root: str | None, reference_copy: bool):
         pipe = build_sd15_full(spec["resolution"])
     pipe.set_progress_bar_config(disable=True)
     adapter = DiffusionAdapter(pipe, spec["resolution"])
-    # The official code deep-copies the UNet before adding the LoRA (train_spo.py ~l.158).
+    # The official code deep-copies the UNet before adding the LoRA (the official train_spo.py ~l.158).
     ref_unet = copy.deepcopy(pipe.unet).requires_grad_(False) if reference_copy else None
-    trainer = train_spo.SPOTrainer(cfg, train_spo._make_accelerator(cfg), adapter, tiny_scorer())
+    trainer = SPOTrainer(cfg, make_accelerator(cfg), adapter, tiny_scorer())
     return cfg, trainer, ref_unet
 
 

@@ -19,6 +19,7 @@ from spo_standin import BrightnessScorer
 from spo.config import load_config
 from spo.errors import ModelLoadError, NonFiniteError, SPOError
 from spo.models.diffusion import DiffusionAdapter, PromptEmbeddings, load_pipeline, pipeline_class
+from spo.spo_trainer import SPOTrainer, make_accelerator
 from spo.stages import train_spo
 
 PROMPTS = [
@@ -59,10 +60,10 @@ def spo_cfg(root, models_root, *overrides, arch="sd15"):
 
 
 def build_trainer(cfg, scorer=None):
-    acc = train_spo._make_accelerator(cfg)
+    acc = make_accelerator(cfg)
     pipe = load_pipeline(cfg.model)
     adapter = DiffusionAdapter(pipe, cfg.spo_resolution)
-    return train_spo.SPOTrainer(cfg, acc, adapter, scorer or BrightnessScorer())
+    return SPOTrainer(cfg, acc, adapter, scorer or BrightnessScorer())
 
 
 def sample_pairs(trainer, n_prompts=4, seed=0):
@@ -190,9 +191,9 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, tiny_models_root):
     others = [p.detach().clone() for p in trainer.params[1:]]
     assert trainer.optimizer_step(pairs) is None
     assert all(torch.equal(a, b) for a, b in zip(others, trainer.params[1:], strict=True))
-    state = {"global_step": 7, "epoch": 0, "iteration": 1}
-    assert train_spo.save_checkpoint(trainer, state, None) is None  # never from a NaN state
-    assert not train_spo.list_checkpoints(cfg)
+    trainer.state.global_step, trainer.state.iteration = 7, 1
+    assert trainer.save_checkpoint() is None  # never from a NaN state
+    assert not trainer.checkpoints.list()
     with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
         trainer.optimizer_step(pairs)
 
@@ -210,7 +211,7 @@ def test_run_writes_outputs_and_accounts_for_every_pair(tmp_path, tiny_models_ro
     summary = train_spo.run(cfg, scorer=BrightnessScorer())
 
     on_disk = json.loads((cfg.paths.reports / "spo_train.json").read_text())
-    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk == json.loads(json.dumps(dict(summary)))
     assert summary["optimizer_steps"] > 0 and summary["pairs_kept"] > 0
     # Every kept pair is trained (the remainder in one last smaller step) or explicitly counted as skipped.
     assert summary["pairs_trained"] + summary["pairs_skipped"] == summary["pairs_kept"]
@@ -232,7 +233,7 @@ def test_run_writes_outputs_and_accounts_for_every_pair(tmp_path, tiny_models_ro
     ):
         assert all(math.isfinite(float(r[field])) for r in rows), field
     assert all(0.9 - 1e-6 <= float(r["ratio_win"]) <= 1.1 + 1e-6 for r in rows)
-    ckpts = train_spo.list_checkpoints(cfg)
+    ckpts = list((cfg.paths.checkpoints / "spo").glob("checkpoint-*"))
     assert 1 <= len(ckpts) <= 2
 
     # The LoRA is a stock diffusers file: it loads and changes the base model's output.
@@ -275,8 +276,9 @@ def test_missing_inputs_fail_clearly_and_keep_previous_outputs(tmp_path, tiny_mo
     (cfg.paths.prepared / "prompts_train.txt").unlink()
     with pytest.raises(SPOError, match="spo prepare"):
         train_spo.run(cfg, scorer=BrightnessScorer())
-    with pytest.raises(SPOError, match="not an SPO checkpoint"):
-        train_spo.resolve_resume(cfg, str(tmp_path / "nowhere"))
+    (cfg.paths.prepared / "prompts_train.txt").write_text("\n".join(PROMPTS) + "\n")
+    with pytest.raises(SPOError, match="not an? SPO checkpoint"):
+        train_spo.run(cfg, resume=str(tmp_path / "nowhere"), scorer=BrightnessScorer())
     assert (cfg.paths.lora / "pytorch_lora_weights.safetensors").read_bytes() == b"previous"
 
 
@@ -289,22 +291,21 @@ def test_kill_and_resume_ends_with_the_same_lora(tmp_path, tiny_models_root, mon
     train_spo.run(full, scorer=BrightnessScorer())
 
     resumed = spo_cfg(tmp_path / "resumed", tiny_models_root, *args)
-    real_save = train_spo.save_checkpoint
+    real_save = SPOTrainer.save_checkpoint
     saved = []
 
-    def save_then_die(trainer, state, pool):
-        out = real_save(trainer, state, pool)
-        saved.append(
-            (state["global_step"], state["epoch"], state["iteration"], 0 if pool is None else len(pool))
-        )
-        if state["epoch"] == 0 and saved[-1][-1] > 0:  # mid-epoch, with kept pairs not trained yet
+    def save_then_die(trainer):
+        out = real_save(trainer)
+        state = trainer.state
+        saved.append((state.global_step, state.epoch, state.iteration, state.pending))
+        if state.epoch == 0 and saved[-1][-1] > 0:  # mid-epoch, with kept pairs not trained yet
             raise KeyboardInterrupt("killed right after a checkpoint")
         return out
 
-    monkeypatch.setattr(train_spo, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(SPOTrainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_spo.run(resumed, scorer=BrightnessScorer())
-    monkeypatch.setattr(train_spo, "save_checkpoint", real_save)
+    monkeypatch.setattr(SPOTrainer, "save_checkpoint", real_save)
     assert not (resumed.paths.lora / "pytorch_lora_weights.safetensors").exists()
     killed_at = saved[-1][0]
 
@@ -384,3 +385,47 @@ def test_two_processes_reshard_kept_pairs_without_dropping_any(tmp_path, tiny_mo
         summary["pairs_trained"] == 24 and summary["optimizer_steps"] == 6 and summary["pairs_skipped"] == 0
     )
     assert summary["unet_samples_with_grad_per_pair"] == 2.0
+
+
+@pytest.mark.slow
+def test_fresh_run_keeps_its_own_checkpoints_when_an_older_run_has_higher_steps(tmp_path, tiny_models_root):
+    """The bug: a fresh `spo train` did not clear an earlier run's checkpoints; rotation keeps the highest
+    step numbers, so the new run's checkpoints were deleted as soon as written and `--resume latest`
+    continued the *old* run."""
+    args = ("spo.checkpoints_total_limit=2", "spo.threshold=0.0")
+    cfg = spo_cfg(tmp_path, tiny_models_root, *args)
+    train_spo.run(cfg, scorer=BrightnessScorer())
+    root = cfg.paths.checkpoints / "spo"
+    own = sorted((p.name for p in root.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+    assert len(own) == 2
+    # Fake an older run that got further: its checkpoints carry higher step numbers.
+    for name in own:
+        step = int(name.split("-")[1])
+        (root / name).rename(root / f"checkpoint-{step + 100}")
+
+    train_spo.run(cfg, scorer=BrightnessScorer())  # a fresh run, no --resume
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == sorted(own)  # the new run's survive
+    resumed = train_spo.run(cfg, resume="latest", scorer=BrightnessScorer())
+    assert resumed["resumed_from"] == str(root / own[-1])  # the new run, not the older one
+    # The older run's checkpoints were moved aside, not deleted.
+    moved = sorted(p.name for p in (root / "previous").glob("*/checkpoint-*"))
+    assert moved == sorted(f"checkpoint-{int(n.split('-')[1]) + 100}" for n in own)
+
+
+@pytest.mark.slow
+def test_resume_warns_only_when_the_config_really_changed(tmp_path, tiny_models_root, caplog):
+    import logging
+
+    cfg = spo_cfg(tmp_path, tiny_models_root, "spo.threshold=0.0")
+    train_spo.run(cfg, scorer=BrightnessScorer())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        same = train_spo.run(cfg, resume="latest", scorer=BrightnessScorer())
+    assert same["resumed_from"] is not None
+    assert not [r.getMessage() for r in caplog.records if "different" in r.getMessage()]
+    caplog.clear()
+
+    changed = spo_cfg(tmp_path, tiny_models_root, "spo.threshold=0.0", "spo.lr=0.002")
+    with caplog.at_level(logging.WARNING):
+        train_spo.run(changed, resume=same["resumed_from"], scorer=BrightnessScorer())
+    assert "different config" in caplog.text and "spo.lr" in caplog.text
