@@ -383,6 +383,7 @@ class TrainState:
     initial_accuracy: dict[str, float] | None = None
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     nonfinite: dict[str, int] = field(default_factory=dict)  # NonFiniteGuard.state_dict()
+    lr_scheduler: dict[str, Any] = field(default_factory=dict)  # LambdaLR.state_dict(), plain numbers
 
 
 class SPMTrainer:
@@ -413,6 +414,8 @@ class SPMTrainer:
         self.acc.load_state(str(path))
         self.state = TrainState(**state)
         self.guard.load_state_dict(self.state.nonfinite)
+        if self.state.lr_scheduler:
+            self.lr_scheduler.load_state_dict(self.state.lr_scheduler)
 
     def measure_initial(self) -> None:
         """Accuracy of the untrained model (once per run: it travels with the checkpoints)."""
@@ -513,6 +516,7 @@ class SPMTrainer:
 
     def checkpoint(self) -> Path | None:
         self.state.nonfinite = self.guard.state_dict()
+        self.state.lr_scheduler = self.lr_scheduler.state_dict()  # plain numbers (its lambdas are functions: None)
         return self.checkpoints.save(
             self.state.step,
             asdict(self.state),

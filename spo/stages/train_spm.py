@@ -134,7 +134,9 @@ def _build_trainer(cfg, accelerator, train_stream, val_stream, checkpoints, time
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = spm.batch_size
         ds_plugin.deepspeed_config["gradient_clipping"] = spm.max_grad_norm
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    # The LR scheduler's state travels in the checkpoint's JSON (TrainState.lr_scheduler), not through
+    # accelerate's register_for_checkpointing, whose loader unpickles with weights_only=False (code execution
+    # from a tampered checkpoint).
     validation = ValidationSet(
         val_stream, denoiser, list(spm.eval_timesteps), spm.seed, accelerator, relabeller, spm.relabel_gap
     )
