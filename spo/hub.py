@@ -80,8 +80,8 @@ def local_file_or_download(
     or ``org/name[@rev]`` with ``default_filename`` -> a local path (hub files through the HF cache).
 
     ``config_key`` names the config key of ``ref`` and ``filename_key`` the one that sets the file name inside a
-    folder, for the error messages. This is what ``rewards.resolve_weights_file`` and
-    ``preference._resolve_released_file`` did.
+    folder, for the error messages. It replaces the weights-file resolution that lived in spo/rewards and
+    spo/models/preference.py.
     """
     text = str(ref)
     ref = ModelRef.parse(ref)

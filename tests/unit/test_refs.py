@@ -38,7 +38,11 @@ CASES = [
     ("org/name:file.pth", HF, {"repo_id": "org/name", "filename": "file.pth", "revision": None}),
     ("org/name:sub/f.pt", HF, {"repo_id": "org/name", "filename": "sub/f.pt"}),
     ("org/name.v2@v1.0:sub/f.pt", HF, {"repo_id": "org/name.v2", "filename": "sub/f.pt", "revision": "v1.0"}),
-    ("xswu/HPSv2:HPS_v2.1_compressed.pt", HF, {"repo_id": "xswu/HPSv2", "filename": "HPS_v2.1_compressed.pt"}),
+    (
+        "xswu/HPSv2:HPS_v2.1_compressed.pt",
+        HF,
+        {"repo_id": "xswu/HPSv2", "filename": "HPS_v2.1_compressed.pt"},
+    ),
     ("models:/spo-tiny@champion", R, {"registry_name": "spo-tiny", "alias": "champion", "version": None}),
     ("models:/spo-tiny/3", R, {"registry_name": "spo-tiny", "version": "3", "alias": None}),
     ("./models/base", L, {"path": "models/base"}),
@@ -143,9 +147,13 @@ def test_resolve_ref_keeps_its_semantics(project, root_kind):
 
 def test_config_ref_by_key_and_text(project):
     cfg = load_config(
-        "tiny", [f"paths.root={project}", "model.revision=abc", "spm.source=pretrained:org/spm"], params_file=None
+        "tiny",
+        [f"paths.root={project}", "model.revision=abc", "spm.source=pretrained:org/spm"],
+        params_file=None,
     )
-    assert cfg.ref("model.pretrained") == ModelRef.parse("models/base", root=project)  # local: revision unused
+    assert cfg.ref("model.pretrained") == ModelRef.parse(
+        "models/base", root=project
+    )  # local: revision unused
     assert cfg.ref("model.pretrained").path == project / "models" / "base"
     assert cfg.ref("spm.source") == ModelRef.parse("org/spm")
     assert cfg.ref("org/name@x").revision == "x"
@@ -182,7 +190,10 @@ def test_paths_come_from_the_artifact_catalog(tmp_path):
     assert p.raw_data == tmp_path / "data" / "raw" / "pickapic_tiny"
     assert p.base_clip == tmp_path / "models" / "base" / "clip"
     assert p.lora == tmp_path / "models" / "spo" / "lora"
-    assert (p.eval_reports, p.eval_images) == (tmp_path / "reports" / "eval", tmp_path / "data" / "eval_images")
+    assert (p.eval_reports, p.eval_images) == (
+        tmp_path / "reports" / "eval",
+        tmp_path / "data" / "eval_images",
+    )
     assert (p.reports, p.checkpoints, p.spm_model) == (
         tmp_path / "reports",
         tmp_path / "checkpoints",
