@@ -170,8 +170,12 @@ class ModelRef:
 
     @classmethod
     def hub(cls, repo_id: str, filename: str | None = None, revision: str | None = None) -> ModelRef:
-        ref = cls(HUB_FILE if filename else HUB, repo_id=repo_id, filename=filename, revision=revision)
-        return cls.parse(str(ref))  # validates the parts
+        """A hub reference from its parts, validated by the hub grammar (no filesystem lookup)."""
+        text = str(cls(HUB_FILE if filename else HUB, repo_id=repo_id, filename=filename, revision=revision))
+        m = _HUB_PREFIX_RE.fullmatch(text)
+        if not m or m.group("repo") != repo_id:
+            raise RefError(f"{repo_id!r} is not a hub repo id (org/name)")
+        return cls._parse_hub(text, m.group("repo"), m.group("rest") or "")
 
     # -- properties --------------------------------------------------------------------------------------
     @property

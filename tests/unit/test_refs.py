@@ -259,3 +259,11 @@ def test_local_file_or_download_reads_local_files_and_folders(tmp_path):
         hub.local_file_or_download(str(tmp_path / "nope.pt"), "w", config_key="eval.hps_weights")
     with pytest.raises(ModelLoadError, match="not a hub id"):
         hub.lora_file(str(tmp_path / "nope"))
+
+
+def test_hub_constructor_ignores_the_filesystem(project, monkeypatch):
+    monkeypatch.chdir(project)  # org/shadowed exists here as a folder
+    assert ModelRef.hub("org/shadowed", "f.pt").kind == "hub_file"
+    assert ModelRef.parse("org/shadowed").is_local
+    with pytest.raises(RefError, match="not a hub repo id"):
+        ModelRef.hub("a/b/c")
