@@ -23,9 +23,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from ruamel.yaml import YAML, YAMLError
 
 from spo.errors import SPOError
+from spo.pipeline_spec import artifact_path
+from spo.refs import ModelRef, RefError
 from spo.utils import json_digest
 
 PRESETS = ("tiny", "sd15", "sdxl")
@@ -47,52 +50,50 @@ class PathsConfig(Section):
 
     root: Path = Path(".")
 
-    def _p(self, *parts: str) -> Path:
-        return self.root / Path(*parts)
-
+    # Each path is an artifact of the catalog in spo/pipeline_spec.py (declared there once).
     @property
     def raw_data(self) -> Path:
-        return self._p("data", "raw", "pickapic_tiny")
+        return artifact_path(self.root, "raw_data")
 
     @property
     def prepared(self) -> Path:
-        return self._p("data", "prepared")
+        return artifact_path(self.root, "prepared")
 
     @property
     def base_model(self) -> Path:
-        return self._p("models", "base")
+        return artifact_path(self.root, "base_model")
 
     @property
     def base_clip(self) -> Path:
-        return self._p("models", "base", "clip")
+        return artifact_path(self.root, "base_clip")
 
     @property
     def spm_model(self) -> Path:
-        return self._p("models", "spm")
+        return artifact_path(self.root, "spm_model")
 
     @property
     def spo_dir(self) -> Path:
-        return self._p("models", "spo")
+        return artifact_path(self.root, "spo_dir")
 
     @property
     def lora(self) -> Path:
-        return self._p("models", "spo", "lora")
+        return artifact_path(self.root, "lora")
 
     @property
     def reports(self) -> Path:
-        return self._p("reports")
+        return self.root / "reports"
 
     @property
     def eval_reports(self) -> Path:
-        return self._p("reports", "eval")
+        return artifact_path(self.root, "eval_reports")
 
     @property
     def eval_images(self) -> Path:
-        return self._p("data", "eval_images")
+        return artifact_path(self.root, "eval_images")
 
     @property
     def checkpoints(self) -> Path:
-        return self._p("checkpoints")
+        return self.root / "checkpoints"
 
 
 class ModelConfig(Section):
@@ -183,7 +184,11 @@ class BaseTrainConfig(Section):
 
 
 class SPMConfig(Section):
-    """Step-aware preference model training (``spo train-spm``)."""
+    """Step-aware preference model training (``spo train-spm``).
+
+    ``init``, ``processor``, ``relabel_model`` and the reference after ``pretrained:`` follow spo/refs.py; pin a
+    hub download with ``@<revision>`` (``--set spm.init=yuvalkirstain/PickScore_v1@<commit sha>``).
+    """
 
     # "init": train from ``init``; "pretrained:<hub id or path>": load a released SPM (e.g.
     # pretrained:SPO-Diffusion-Models/Step-Aware_Preference_Models) and skip training.
@@ -288,8 +293,26 @@ class SPOConfig(Section):
         return self
 
 
+# The evaluation scorers (``eval.scorers``); spo/rewards maps each name to its loader.
+SCORER_NAMES: tuple[str, ...] = (
+    "toy_aesthetic",
+    "spm",
+    "clip",
+    "pickscore",
+    "aesthetic",
+    "hpsv21",
+    "imagereward",
+)
+
+
 class EvalConfig(Section):
-    """``spo evaluate``: paired-seed generation and scoring (protocol and scorers: spo/stages/evaluate.py)."""
+    """``spo evaluate``: paired-seed generation and scoring (protocol and scorers: spo/stages/evaluate.py).
+
+    Model references (``*_model``, ``*_processor``, ``*_weights``, ``lora``) follow spo/refs.py: a local path,
+    ``org/name``, ``org/name:file`` or (``lora``) ``models:/name@alias``. A hub download is pinned by writing
+    the revision into the reference: ``--set eval.pickscore_model=yuvalkirstain/PickScore_v1@<commit sha>``,
+    ``--set eval.hps_weights=xswu/HPSv2@<sha>:HPS_v2.1_compressed.pt``; without one the hub's main branch is used.
+    """
 
     # Image k of prompt p uses seed  eval.seed * 10**9 + p * 1000 + k  (hence at most 1000 per prompt).
     num_images_per_prompt: int = Field(4, ge=1, le=1000)
@@ -322,8 +345,6 @@ class EvalConfig(Section):
     @field_validator("scorers")
     @classmethod
     def _known_scorers(cls, v: list[str]) -> list[str]:
-        from spo.rewards import SCORER_NAMES
-
         unknown = [s for s in v if s not in SCORER_NAMES]
         if unknown:
             raise ValueError(f"unknown scorer(s) {unknown}; choose from {', '.join(SCORER_NAMES)}")
@@ -352,6 +373,27 @@ class TrackingConfig(Section):
     experiment: str = "spo"
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///mlflow/mlflow.db
     log_system_metrics: bool = True
+
+
+# Config keys whose values are model/data references (spo/refs.py), validated when a Config is built.
+REF_KEYS: tuple[str, ...] = (
+    "model.pretrained",
+    "model.vae",
+    "data.source",
+    "spm.init",
+    "spm.processor",
+    "spm.relabel_model",
+    "eval.lora",
+    "eval.pickscore_model",
+    "eval.pickscore_processor",
+    "eval.clip_model",
+    "eval.aesthetic_clip_model",
+    "eval.aesthetic_weights",
+    "eval.hps_weights",
+    "eval.imagereward_model",
+)
+# Reference key -> the key of its separately configured revision.
+REVISION_KEYS: dict[str, str] = {"model.pretrained": "model.revision", "data.source": "data.revision"}
 
 
 class Config(Section):
@@ -394,22 +436,73 @@ class Config(Section):
     def eval_resolution(self) -> int:
         return self.eval.resolution or self.model.resolution
 
+    @model_validator(mode="after")
+    def _refs_parse(self) -> Config:
+        """Every reference-valued key must parse (spo/refs.py); the error names the key."""
+        for key in (*REF_KEYS, "spm.source"):
+            if self._value(key) is None or (key == "spm.source" and self.spm.source == "init"):
+                continue
+            try:
+                self.ref(key)
+            except ConfigError as exc:
+                msg = str(exc).removeprefix(f"{key}: ")
+                raise PydanticCustomError("model_ref", "{msg}", {"key": key, "msg": msg}) from None
+        return self
+
+    def _value(self, key: str) -> Any:
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)
+
+    def ref(self, key_or_text: str | Path | ModelRef) -> ModelRef:
+        """A reference-valued config key (``"model.pretrained"``, ``"eval.lora"``, ... :data:`REF_KEYS`, and
+        ``"spm.source"`` for the part after ``pretrained:``) or any reference text, parsed by
+        :meth:`spo.refs.ModelRef.parse` with relative paths rooted at ``paths.root``.
+
+        ``model.pretrained`` and ``data.source`` carry ``model.revision`` / ``data.revision`` (a conflicting
+        ``@revision`` in the reference itself is an error). The filesystem is looked at on every call: a stage
+        may have created ``models/base`` since the config was built. Raises ConfigError naming the key.
+        """
+        if isinstance(key_or_text, ModelRef):
+            return key_or_text
+        key = str(key_or_text)
+        if key not in REF_KEYS and key != "spm.source":
+            try:
+                return ModelRef.parse(key, root=self.paths.root)
+            except RefError as exc:
+                raise ConfigError(str(exc)) from None
+        value = self._value(key)
+        if key == "spm.source":
+            if not str(value).startswith("pretrained:"):
+                raise ConfigError(f"spm.source is {value!r}, not 'pretrained:<hub id or path>'")
+            value = str(value).removeprefix("pretrained:")
+        if value is None:
+            raise ConfigError(f"{key} is not set")
+        try:
+            ref = ModelRef.parse(value, root=self.paths.root)
+            if key in REVISION_KEYS:
+                ref = ref.with_revision(self._value(REVISION_KEYS[key]))
+        except RefError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        return ref
+
     def resolve_ref(self, ref: str | Path | None) -> str | None:
-        """A model/data reference from the config -> what loaders should open.
+        """A model/data reference from the config -> what loaders should open (compatibility wrapper).
 
         Relative paths are project paths: ``models/base`` means ``<paths.root>/models/base`` when that exists
         (or always, when written ``./models/base``), else a path relative to the working directory when that
-        exists. Anything else (``org/name``) is a hub id and is returned unchanged, as are absolute paths.
+        exists (returned as written). Anything else (``org/name``, ``org/name:file``, ``models:/...``) is
+        returned unchanged, as are absolute paths (``~`` expanded). New code: :meth:`ref`.
         """
         if ref is None:
             return None
         text = str(ref)
-        path = Path(text).expanduser()
-        if path.is_absolute():
-            return str(path)
-        rooted = self.paths.root / path
-        if text.startswith(("./", "../")) or rooted.exists():
-            return str(rooted)
+        try:
+            parsed = ModelRef.parse(text, root=self.paths.root)
+        except RefError:  # malformed: what the path-only rule gave before ModelRef existed
+            rooted = self.paths.root / Path(text).expanduser()
+            return str(rooted) if rooted.exists() else text
+        if parsed.is_local and parsed.anchor in ("absolute", "root"):
+            return str(parsed.path)
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -499,6 +592,9 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
+        if err["type"] == "model_ref":  # Config._refs_parse: name the reference's own key
+            lines.append(f"  - {err['ctx']['key']}: {err['ctx']['msg']}")
+            continue
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `spo config` lists every key)"
         value = err.get("input")

@@ -291,9 +291,17 @@ CONSUMES = {
 
 
 def local_model_dir(cfg: Any, ref: str) -> Path | None:
-    """The local folder a model reference names (resolved as the stages resolve it), or None for a hub id."""
-    resolved = cfg.resolve_ref(ref)
-    return Path(resolved).resolve() if resolved and Path(resolved).exists() else None
+    """The existing local folder or file a model reference names (:meth:`spo.refs.ModelRef.parse`, rooted at
+    ``paths.root``), resolved; None for hub ids, registry URIs, missing paths and malformed text."""
+    from spo.refs import ModelRef, RefError
+
+    if not ref:
+        return None
+    try:
+        parsed = ModelRef.parse(ref, root=cfg.paths.root)
+    except RefError:
+        return None
+    return parsed.path.resolve() if parsed.exists() and parsed.path is not None else None
 
 
 def product_path(cfg: Any, stage: str) -> Path:

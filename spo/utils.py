@@ -196,12 +196,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def is_local_path(ref: str | Path) -> bool:
-    """A config value naming a model or dataset: local when it exists or looks like a path."""
-    s = str(ref)
-    return Path(s).exists() or s.startswith((".", "/", "~")) or s.count("/") != 1
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

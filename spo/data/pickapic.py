@@ -58,6 +58,7 @@ import numpy as np
 import pyarrow as pa
 
 from spo.errors import DataValidationError, SPOError
+from spo.refs import HUB, ModelRef, RefError
 from spo.utils import get_logger
 
 if TYPE_CHECKING:
@@ -143,8 +144,13 @@ class ParquetSource:
         for cand in candidates:
             if cand.is_dir():
                 return cls(ref=ref_s, kind="local", root=str(cand.resolve()))
-        if _looks_like_hub_id(ref_s):
-            return cls._open_hub(ref_s, revision)
+        hub = _hub_ref(ref_s)
+        if hub is not None:
+            if hub.revision and revision not in (None, hub.revision):
+                raise SPOError(
+                    f"data.source {ref_s!r} pins revision {hub.revision!r} but data.revision is {revision!r}"
+                )
+            return cls._open_hub(hub.repo_id or ref_s, revision or hub.revision)
         tried = ", ".join(str(c) for c in candidates)
         raise SPOError(
             f"data.source {ref_s!r} is neither an existing directory (tried {tried}) nor a hub dataset id "
@@ -241,8 +247,13 @@ class ParquetSource:
         return {"ref": self.ref, "kind": self.kind, "root": self.root, "revision": self.revision}
 
 
-def _looks_like_hub_id(ref: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", ref)) and not ref.startswith((".", "/", "~"))
+def _hub_ref(ref: str) -> ModelRef | None:
+    """``org/name`` or ``org/name@revision`` (spo/refs.py grammar) -> its ModelRef; anything else -> None."""
+    try:
+        parsed = ModelRef.parse(ref)
+    except RefError:
+        return None
+    return parsed if parsed.kind == HUB else None
 
 
 def _footer_sha256(path: Path) -> str:

@@ -9,12 +9,12 @@ Real presets load a hub id, the tiny preset a local folder, through the same ``f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from spo.errors import ModelLoadError
-from spo.utils import get_logger, is_local_path
+from spo.refs import ModelRef, RefError
+from spo.utils import get_logger
 
 log = get_logger(__name__)
 
@@ -55,42 +55,57 @@ def pipeline_class(arch: str):
     return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[arch]
 
 
-def _load_hint(ref: str) -> str:
-    if is_local_path(ref):
+def _load_hint(ref: ModelRef | str) -> str:
+    if isinstance(ref, str):
+        try:
+            ref = ModelRef.parse(ref)
+        except RefError as exc:
+            return f"{exc}. Set model.pretrained to a diffusers folder or hub id."
+    if ref.is_local:
         return (
-            f"No model folder at {ref!r}. For the tiny preset run `spo base` first (or `make run`); "
+            f"No model folder at {str(ref.path)!r}. For the tiny preset run `spo base` first (or `make run`); "
             "otherwise set model.pretrained to a diffusers folder or hub id."
         )
     return (
-        f"Could not load {ref!r} from the Hugging Face hub. Check the id, your network and HF_TOKEN; with "
+        f"Could not load {str(ref)!r} from the Hugging Face hub. Check the id, your network and HF_TOKEN; with "
         "HF_HUB_OFFLINE=1 the model must already be in the local HF cache (huggingface-cli download "
-        f"{ref}), or point the config at a local copy with --set model.pretrained=/path/to/folder."
+        f"{ref.repo_id or ref}), or point the config at a local copy with --set model.pretrained=/path/to/folder."
     )
+
+
+def _model_ref(text: str, root, revision: str | None = None) -> ModelRef:
+    try:
+        ref = ModelRef.parse(text, root=root).with_revision(revision)
+        ref.pretrained_args()  # a hub file or a registry URI is not a diffusers model
+    except RefError as exc:
+        raise ModelLoadError(f"{exc}. Set model.pretrained to a diffusers folder or hub id.") from exc
+    return ref
 
 
 def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cfg=None):
     """Load the base pipeline named by ``model_cfg`` (a :class:`spo.config.ModelConfig`) with DDIM.
 
-    The same call serves a hub id and the tiny preset's local folder; pass the full ``cfg`` so that project
-    paths such as ``models/base`` resolve against ``paths.root`` (:meth:`spo.config.Config.resolve_ref`).
-    The safety checker is never loaded: evaluation must score what the model produced, not blacked-out images.
+    The same call serves a hub id (``org/name``, pinned by ``model.revision`` or ``org/name@<revision>``) and the
+    tiny preset's local folder; pass the full ``cfg`` so that project paths such as ``models/base`` resolve
+    against ``paths.root`` (:meth:`spo.refs.ModelRef.parse`). The safety checker is never loaded: evaluation
+    must score what the model produced, not blacked-out images.
     """
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    resolve = cfg.resolve_ref if cfg is not None else str
+    root = cfg.paths.root if cfg is not None else "."
     cls = pipeline_class(model_cfg.arch)
-    ref = resolve(model_cfg.pretrained)
-    kwargs: dict = {"dtype": dtype}
-    if model_cfg.revision:
-        kwargs["revision"] = model_cfg.revision
+    ref = _model_ref(model_cfg.pretrained, root, model_cfg.revision)
+    name, kwargs = ref.pretrained_args()
+    kwargs["dtype"] = dtype
     if model_cfg.arch == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if is_local_path(ref) and not Path(ref).exists():
+    if ref.is_local and not ref.exists():
         raise ModelLoadError(_load_hint(ref))
     try:
         if model_cfg.vae:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(resolve(model_cfg.vae), dtype=dtype)
-        pipe = cls.from_pretrained(ref, **kwargs)
+            vae_name, vae_kwargs = _model_ref(model_cfg.vae, root).pretrained_args()
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae_name, dtype=dtype, **vae_kwargs)
+        pipe = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{_load_hint(ref)}\n  underlying error: {exc}") from exc
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from spo.errors import ModelLoadError
-from spo.utils import atomic_dir, atomic_write_json, get_logger, is_local_path
+from spo.hub import local_file_or_download
+from spo.refs import ModelRef, RefError
+from spo.utils import atomic_dir, atomic_write_json, get_logger
 
 log = get_logger(__name__)
 
@@ -307,8 +309,19 @@ def _block(layer, h: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # Loading and saving
 # ------------------------------------------------------------------------------------------------------------
+def _parse_ref(ref: str, what: str) -> ModelRef:
+    try:
+        return ModelRef.parse(ref)
+    except RefError as exc:
+        raise ModelLoadError(f"{what}: {exc}") from exc
+
+
 def _load_hint(ref: str, what: str) -> str:
-    if is_local_path(ref):
+    try:
+        local = ModelRef.parse(ref).is_local
+    except RefError:
+        local = False
+    if local:
         return f"No {what} at {ref!r}. For the tiny preset run `spo base` first; otherwise fix the path."
     return (
         f"Could not load the {what} {ref!r} from the Hugging Face hub. Check the id, your network and HF_TOKEN; "
@@ -317,13 +330,23 @@ def _load_hint(ref: str, what: str) -> str:
     )
 
 
+def _pretrained(ref: str, what: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` arguments for a CLIP folder or ``org/name[@revision]``; a missing folder fails here."""
+    parsed = _parse_ref(ref, what)
+    if parsed.is_local and not parsed.exists():
+        raise ModelLoadError(_load_hint(ref, what))
+    try:
+        return parsed.pretrained_args()
+    except RefError as exc:
+        raise ModelLoadError(f"{what}: {exc}") from exc
+
+
 def _load_clip(ref: str):
     from transformers import CLIPModel
 
-    if is_local_path(ref) and not Path(ref).exists():
-        raise ModelLoadError(_load_hint(ref, "CLIP model"))
+    name, kwargs = _pretrained(ref, "CLIP model")
     try:
-        return CLIPModel.from_pretrained(ref)
+        return CLIPModel.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{_load_hint(ref, 'CLIP model')}\n  underlying error: {exc}") from exc
 
@@ -331,10 +354,9 @@ def _load_clip(ref: str):
 def _load_processor(ref: str):
     from transformers import CLIPProcessor
 
-    if is_local_path(ref) and not Path(ref).exists():
-        raise ModelLoadError(_load_hint(ref, "CLIP processor"))
+    name, kwargs = _pretrained(ref, "CLIP processor")
     try:
-        return CLIPProcessor.from_pretrained(ref)
+        return CLIPProcessor.from_pretrained(name, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{_load_hint(ref, 'CLIP processor')}\n  underlying error: {exc}") from exc
 
@@ -480,41 +502,23 @@ def map_released_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _resolve_released_file(ref: str, filename: str | None) -> Path:
-    filename = filename or RELEASED_SPM_FILES["sd15"]
-    p = Path(ref)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        if not (p / filename).is_file():
-            raise ModelLoadError(
-                f"No {filename} in {p}; set spm.pretrained_file to the checkpoint's file name."
-            )
-        return p / filename
-    if is_local_path(ref):
-        raise ModelLoadError(
-            f"No released SPM checkpoint at {ref!r} (a .bin file, or a folder holding {filename})."
-        )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(ref, filename))
-    except Exception as exc:  # hub errors come in many types (offline, 404, auth)
-        raise ModelLoadError(
-            f"{_load_hint(ref, 'released SPM')} (file {filename})\n  underlying error: {exc}"
-        ) from exc
-
-
 def load_released_spm(
     ref: str, clip_ref: str, processor_ref: str, time_embed_dim: int = 256, filename: str | None = None
 ) -> TimeConditionedCLIP:
-    """The released SPM (``SPO-Diffusion-Models/Step-Aware_Preference_Models`` or a local copy).
+    """The released SPM (``SPO-Diffusion-Models/Step-Aware_Preference_Models[@revision][:file]``, a folder
+    holding ``filename`` or a ``.bin`` file; hub downloads through :func:`spo.hub.local_file_or_download`).
 
     Read with ``torch.load(weights_only=True)``: tensors only, never arbitrary pickled objects.
     """
     import pickle
 
-    file = _resolve_released_file(ref, filename)
+    file = local_file_or_download(
+        _parse_ref(ref, "released SPM"),
+        "released SPM",
+        default_filename=filename or RELEASED_SPM_FILES["sd15"],
+        config_key="spm.source",
+        filename_key="spm.pretrained_file",
+    )
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:

@@ -23,8 +23,8 @@ hpsv21          HPSv2.1 = 100 * cos(image, text), open_clip ViT-H-14        hps_
 imagereward     ImageReward (BLIP) (extra ``spo[imagereward]``)             imagereward_model
 ==============  ==========================================================  =======================
 
-This module imports no torch at import time: ``spo.config`` validates scorer names against
-:data:`SCORER_NAMES` and must stay quick to import.
+The scorer names are config-owned (:data:`spo.config.SCORER_NAMES`, validated there); this module maps each to
+its loader and imports no torch at import time.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spo.errors import ModelLoadError, SPOError
+from spo.config import SCORER_NAMES
+from spo.errors import SPOError
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ _FACTORIES: dict[str, str] = {
     "hpsv21": "spo.rewards.hps:load",
     "imagereward": "spo.rewards.imagereward:load",
 }
-SCORER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+assert tuple(_FACTORIES) == SCORER_NAMES, "spo.config.SCORER_NAMES and the scorer factories disagree"
 
 
 # cfg.eval keys that name models or weights files.
@@ -164,47 +164,6 @@ def check_scorer(name: str, cfg) -> None:
     preflight = getattr(module, "preflight", None)
     if preflight is not None:
         preflight(resolve_local_refs(cfg))
-
-
-# -- weights -------------------------------------------------------------------------------------------
-def split_hub_ref(ref: str) -> tuple[str, str | None]:
-    """``"owner/repo:file.pt"`` -> (``"owner/repo"``, ``"file.pt"``); a plain id gives (id, None)."""
-    if ":" in ref and not Path(ref).exists():
-        repo, filename = ref.split(":", 1)
-        return repo, filename or None
-    return ref, None
-
-
-def resolve_weights_file(
-    ref: str, what: str, default_filename: str | None = None, config_key: str = ""
-) -> Path:
-    """A local file path, or ``hub_id:filename`` (``hub_id`` alone uses ``default_filename``) -> local path.
-
-    Hub files go through ``huggingface_hub.hf_hub_download`` (the HF cache; with HF_HUB_OFFLINE=1 only
-    files already cached resolve).
-    """
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path
-    repo, filename = split_hub_ref(ref)
-    filename = filename or default_filename
-    key = f" (--set {config_key}=...)" if config_key else ""
-    is_hub_id = repo.count("/") == 1 and not repo.startswith((".", "/", "~")) and Path(repo).suffix == ""
-    if not is_hub_id or filename is None:
-        raise ModelLoadError(
-            f"{what}: no weights file at {ref!r}. Point the config{key} at a local file or at "
-            f"'hub_owner/repo:filename'."
-        )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo, filename))
-    except Exception as exc:  # offline, missing repo/file, auth: all mean "cannot get the weights"
-        raise ModelLoadError(
-            f"{what}: could not get {filename!r} from the hub repo {repo!r} ({type(exc).__name__}). With "
-            f"HF_HUB_OFFLINE=1 the file must already be cached (huggingface-cli download {repo} {filename}), "
-            f"or point the config{key} at a local copy."
-        ) from exc
 
 
 def require_module(module: str, what: str, extra: str):

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from spo.errors import ModelLoadError
-from spo.rewards import Scorer, resolve_weights_file
+from spo.hub import local_file_or_download
+from spo.rewards import Scorer
 from spo.rewards.clip import CLIPSimilarityScorer, load_clip
 
 
@@ -65,7 +66,7 @@ def load_mlp(path, input_dim: int) -> AestheticMLP:
 
 def load(cfg, device="cpu") -> AestheticScorer:
     ref = cfg.eval.aesthetic_clip_model
-    weights = resolve_weights_file(
+    weights = local_file_or_download(
         cfg.eval.aesthetic_weights, "aesthetic predictor", config_key="eval.aesthetic_weights"
     )
     model, processor = load_clip(ref, ref, "aesthetic predictor", "eval.aesthetic_clip_model")

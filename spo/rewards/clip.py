@@ -12,16 +12,20 @@ from collections.abc import Sequence
 import torch
 
 from spo.errors import ModelLoadError
+from spo.refs import ModelRef
 from spo.rewards import Scorer
 
 
 def load_clip(model_ref: str, processor_ref: str, what: str, config_key: str):
-    """(CLIPModel, CLIPProcessor) from hub ids or local folders, with an error that names the config key."""
+    """(CLIPModel, CLIPProcessor) from hub ids (``org/name[@revision]``) or local folders, with an error that
+    names the config key."""
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        model = CLIPModel.from_pretrained(model_ref)
-        processor = CLIPProcessor.from_pretrained(processor_ref)
+        name, kwargs = ModelRef.parse(model_ref).pretrained_args()
+        model = CLIPModel.from_pretrained(name, **kwargs)
+        name, kwargs = ModelRef.parse(processor_ref).pretrained_args()
+        processor = CLIPProcessor.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"{what}: could not load CLIP {model_ref!r} / processor {processor_ref!r} ({exc}). Use a hub id "

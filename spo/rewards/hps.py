@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from spo.errors import ModelLoadError
-from spo.rewards import Scorer, require_module, resolve_weights_file
+from spo.hub import local_file_or_download
+from spo.rewards import Scorer, require_module
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,7 +50,7 @@ class HPSScorer(Scorer):
 
 def load(cfg, device="cpu") -> HPSScorer:
     open_clip = require_module("open_clip", "the HPSv2.1 scorer", "hps")
-    weights = resolve_weights_file(cfg.eval.hps_weights, "HPSv2.1", config_key="eval.hps_weights")
+    weights = local_file_or_download(cfg.eval.hps_weights, "HPSv2.1", config_key="eval.hps_weights")
     model = open_clip.create_model(cfg.eval.hps_model, pretrained=None)
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     try:

@@ -2,7 +2,8 @@
 
 Behind the optional extra ``spo[imagereward]`` (the ``image-reward`` package, imported as ``ImageReward``).
 Weights: a hub id holding ``ImageReward.pt`` and ``med_config.json`` (default ``THUDM/ImageReward``) or a
-local ``ImageReward.pt`` with ``med_config.json`` beside it. The model is built directly from those two files
+local ``ImageReward.pt`` (or a folder holding it) with ``med_config.json`` beside it; ``THUDM/ImageReward@<sha>``
+pins the hub revision. The model is built directly from those two files
 rather than through ``ImageReward.load``, which always contacts the hub for the config.
 ImageReward scores PIL images one at a time (its own preprocessing), so tensors are rounded to uint8 first,
 exactly as a saved PNG would be.
@@ -11,12 +12,13 @@ exactly as a saved PNG would be.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from spo.errors import ModelLoadError
-from spo.rewards import Scorer, require_module, resolve_weights_file, split_hub_ref, to_pil_images
+from spo.hub import download_file, local_file_or_download
+from spo.refs import ModelRef, RefError
+from spo.rewards import Scorer, require_module, to_pil_images
 
 
 class ImageRewardScorer(Scorer):
@@ -35,21 +37,21 @@ def load(cfg, device="cpu") -> ImageRewardScorer:
     require_module("ImageReward", "the ImageReward scorer", "imagereward")
     from ImageReward.ImageReward import ImageReward
 
-    ref = cfg.eval.imagereward_model
     key = "eval.imagereward_model"
-    if Path(ref).expanduser().is_file():
-        weights = Path(ref).expanduser()
+    try:
+        ref = ModelRef.parse(cfg.eval.imagereward_model)
+    except RefError as exc:
+        raise ModelLoadError(f"ImageReward: {exc} (--set {key}=...)") from exc
+    if ref.is_hub:
+        weights = download_file(ref.with_filename(ref.filename or "ImageReward.pt"), "ImageReward", key)
+        med_config = download_file(ref.with_filename("med_config.json"), "ImageReward", key)
+    else:
+        weights = local_file_or_download(ref, "ImageReward", "ImageReward.pt", config_key=key)
         med_config = weights.with_name("med_config.json")
         if not med_config.is_file():
             raise ModelLoadError(
                 f"ImageReward: {med_config} is missing (it ships with ImageReward.pt on the hub)."
             )
-    else:
-        repo, filename = split_hub_ref(ref)
-        weights = resolve_weights_file(
-            f"{repo}:{filename or 'ImageReward.pt'}", "ImageReward", config_key=key
-        )
-        med_config = resolve_weights_file(f"{repo}:med_config.json", "ImageReward", config_key=key)
     model = ImageReward(med_config=str(med_config), device=device).to(device)
     # strict=False, as upstream ImageReward.load does.
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=False)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from spo.errors import MissingExtraError, ModelLoadError, SPOError
-from spo.rewards import SCORER_NAMES, get_scorer, resolve_weights_file, to_pil_images, to_tensor_images
+from spo.hub import local_file_or_download
+from spo.rewards import SCORER_NAMES, get_scorer, to_pil_images, to_tensor_images
 
 PROMPTS = ["a red circle on a blue background", "a small green square at the top", "a large star"]
 
@@ -185,9 +186,9 @@ def test_aesthetic_weights_of_the_wrong_size_are_refused(cfg, tmp_path):
 def test_uncached_hub_weights_fail_with_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="huggingface-cli download"):
-        resolve_weights_file("spo-test-owner/no-such-repo:weights.pth", "aesthetic predictor")
+        local_file_or_download("spo-test-owner/no-such-repo:weights.pth", "aesthetic predictor")
     with pytest.raises(ModelLoadError, match="eval.aesthetic_weights"):
-        resolve_weights_file("missing/file.pth", "aesthetic predictor", config_key="eval.aesthetic_weights")
+        local_file_or_download("missing/file.pth", "aesthetic predictor", config_key="eval.aesthetic_weights")
 
 
 # -- toy aesthetic and SPM --------------------------------------------------------------------------------
