@@ -781,21 +781,20 @@ def repair_stale_runs(experiment_id: str) -> list[str]:
     return fixed
 
 
-def resolve_lora_uri(uri: str, cfg: Any | None = None) -> Path:
+def resolve_lora_uri(uri: Any, cfg: Any | None = None) -> Path:
     """The local LoRA folder behind ``uri``: ``models:/name@alias`` or ``models:/name/<version>`` (downloaded
     from the registry; local stores are read in place) or a local folder/file path."""
-    if not str(uri).startswith("models:/"):
-        path = Path(uri)
-        if not path.exists():
-            raise SPOError(f"LoRA not found at {path}. Pass a LoRA folder or a models:/<name>@<alias> URI.")
-        return path
     import mlflow
 
+    from spo.refs import ModelRef
+
+    ref = ModelRef.parse(uri)
+    if not ref.is_registry:
+        if not ref.is_local or not ref.path.exists():
+            raise SPOError(f"LoRA not found at {uri}. Pass a LoRA folder or a models:/<name>@<alias> URI.")
+        return ref.path
     init_store(cfg)
-    ref = str(uri)[len("models:/") :].strip("/")
-    name, alias_or_version = ref.split("@", 1) if "@" in ref else (ref.rsplit("/", 1) + [""])[:2]
-    if not name or not alias_or_version:
-        raise SPOError(f"cannot parse {uri!r}: use models:/<name>@<alias> or models:/<name>/<version>.")
+    name, alias_or_version = ref.registry_name, ref.alias or ref.version
     mv = get_version(name, alias_or_version)
     if mv is None:
         known = (

@@ -245,46 +245,25 @@ def resolve_lora(ref: str | None, cfg) -> Path:
                 "--lora PATH|HUB_ID|models:/NAME@ALIAS."
             )
         return resolve_lora_file(own)
-    if ref.startswith("models:/"):
+    from spo.refs import ModelRef
+
+    parsed = ModelRef.parse(ref, root=".")  # --lora paths are relative to the working directory
+    if parsed.is_registry:
         from spo import tracking
 
-        return resolve_lora_file(tracking.resolve_lora_uri(ref, cfg))
-    local = Path(ref).expanduser()
-    if local.exists():
+        return resolve_lora_file(tracking.resolve_lora_uri(parsed, cfg))
+    if parsed.is_local:
+        local = parsed.path
+        if not local.exists():
+            raise ModelLoadError(f"no LoRA file or folder at {ref!r}, and it is not a hub id (owner/name).")
         if local.is_dir() and not (local / LORA_WEIGHT_NAME).exists():
             candidates = sorted(local.glob("*.safetensors"))
             if len(candidates) == 1:
                 return candidates[0]
         return resolve_lora_file(local)
-    return _hub_lora(ref)
+    from spo.hub import lora_file
 
-
-def _hub_lora(ref: str) -> Path:
-    from spo.rewards import resolve_weights_file, split_hub_ref
-
-    repo, filename = split_hub_ref(ref)
-    if repo.count("/") != 1:
-        raise ModelLoadError(f"no LoRA file or folder at {ref!r}, and it is not a hub id (owner/name).")
-    if filename:
-        return resolve_weights_file(ref, "LoRA")
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(repo, allow_patterns=["*.safetensors"]))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not get the LoRA {repo!r} from the hub ({type(exc).__name__}: {exc}). With HF_HUB_OFFLINE=1 it "
-            f"must already be cached (huggingface-cli download {repo}), or pass a local folder."
-        ) from exc
-    files = sorted(folder.rglob("*.safetensors"))
-    preferred = [f for f in files if f.name == LORA_WEIGHT_NAME]
-    if preferred or len(files) == 1:
-        return (preferred or files)[0]
-    raise ModelLoadError(
-        f"hub repo {repo!r} holds {len(files)} .safetensors files ({', '.join(f.name for f in files[:5])}); "
-        f"pick one with --lora {repo}:FILENAME"
-    )
-
+    return lora_file(parsed, LORA_WEIGHT_NAME)
 
 def load_lora_into_pipeline(pipe, lora_file: Path, adapter_name: str = "spo") -> None:
     """Stock ``load_lora_weights``, refusing a file that put nothing into the UNet (wrong architecture)."""
