@@ -99,7 +99,11 @@ def _render_plots() -> list[str]:
             lines.append(f"      template: {_scalar(plot.template)}")
         lines += [f"      x: {_scalar(plot.x)}", "      y:"]
         for name, columns in plot.y.items():
-            cols = _scalar(columns[0]) if len(columns) == 1 else "[" + ", ".join(_scalar(c) for c in columns) + "]"
+            cols = (
+                _scalar(columns[0])
+                if len(columns) == 1
+                else "[" + ", ".join(_scalar(c) for c in columns) + "]"
+            )
             lines.append(f"        {_scalar(ARTIFACTS[name].relpath().as_posix())}: {cols}")
     return lines
 
@@ -134,4 +138,6 @@ def check_dvc_yaml(path: str | Path) -> str | None:
             tofile=f"{path} (generated)",
         )
     )
-    return f"{path} differs from the stage graph in spo/pipeline_spec.py; run `spo dvc-yaml > {path}`.\n{diff}"
+    return (
+        f"{path} differs from the stage graph in spo/pipeline_spec.py; run `spo dvc-yaml > {path}`.\n{diff}"
+    )
