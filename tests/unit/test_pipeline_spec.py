@@ -163,7 +163,10 @@ def test_lineage_products():
         "register": None,
         "promote": None,
     }
-    names = lambda stage: [s.name for s in upstream_stages(stage)]  # noqa: E731
+
+    def names(stage):
+        return [s.name for s in upstream_stages(stage)]
+
     assert names("synth") == []
     assert names("prepare") == ["synth"]
     assert {"prepare"} <= set(names("train_spm"))
@@ -210,9 +213,10 @@ def test_stage_reports_follow_the_spec(tmp_path):
         artifact_path(cfg, name).write_text("{}")
     artifact_path(cfg, "data_validation").mkdir(parents=True)
     artifact_path(cfg, "spm_model").mkdir(parents=True)
-    rel = lambda stage: {
-        (p.relative_to(tmp_path).as_posix(), d) for p, d in tracking.stage_reports(cfg, stage)
-    }  # noqa: E731
+
+    def rel(stage):
+        return {(p.relative_to(tmp_path).as_posix(), d) for p, d in tracking.stage_reports(cfg, stage)}
+
     assert rel("train_spm") == {("reports/spm_metrics.json", "spm"), ("reports/spm_accuracy.csv", "spm")}
     assert rel("evaluate") == {
         ("reports/eval/per_image.parquet", "eval"),
