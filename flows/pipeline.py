@@ -4,13 +4,13 @@
 What the orchestration adds, and nothing else (stage logic lives in spo/stages):
 
 * **Caching** on the stage's inputs, as declared in :mod:`spo.pipeline_spec`: the key hashes the config
-  ``sections`` that shape the stage's output, the content of the artifacts it ``reads`` and of the local
-  models its config names (``model_refs``; hub ids by name) (``spo.utils.hash_tree``), its declared ``code``
-  files and the project root, so an unchanged SPM is not retrained. A cached result also records the hash of the stage's
-  outputs; when those were deleted or changed since (a manual ``spo train``, ``make clean``), the stage
+  ``sections`` that shape the stage's output, the content (``spo.utils.hash_tree``) of the artifacts it
+  ``reads`` and of the local models its config names (``model_refs``; hub ids by name), its declared
+  ``code`` files and the project root, so an unchanged SPM is not retrained. A cached result also records
+  the hash of the stage's outputs (``writes`` + ``reports``); when those were deleted or changed since (a manual ``spo train``, ``make clean``), the stage
   runs again instead of trusting the cache. Register and promote talk to the registry and never cache.
-* **Retries** (``StageSpec.retries``) with exponential backoff only for failures that can be transient (network, timeouts, a busy
-  tracking store); a :class:`~spo.errors.SPOError` -- bad data (``DataValidationError``), a missing model,
+* **Retries** (``StageSpec.retries``) with exponential backoff only for failures that can be transient
+  (network, timeouts, a busy tracking store); a :class:`~spo.errors.SPOError` -- bad data (``DataValidationError``), a missing model,
   NaNs -- fails at once.
 * **Lineage**: one MLflow parent run per flow run, a nested run per stage (spo.tracking).
 * **Artifacts**: a markdown summary (data card, SPM accuracy by t, evaluation table with CIs, registry
@@ -43,6 +43,7 @@ from spo import tracking
 from spo.config import DEFAULT_PARAMS_FILE, Config, load_config
 from spo.errors import DataValidationError, SPOError
 from spo.pipeline_spec import STAGE_BY_NAME, STAGES, StageSpec, artifact_path, repo_root, stages_for
+from spo.results import StageResult
 from spo.utils import atomic_write_json, hash_tree, json_digest
 
 FLOW_NAME = "spo-pipeline"
@@ -209,7 +210,9 @@ def _execute(stage_name: str, cfg: Config, accelerate_config: str | None = None)
         module = importlib.import_module(stage.module)
         with tracking.stage_tracker(cfg, stage_name):
             result = module.run(cfg)
-    if isinstance(result, Mapping):  # spo.results.StageResult and dicts
+    if isinstance(result, StageResult):
+        result = result.to_dict()
+    elif isinstance(result, Mapping):
         result = dict(result)
     return {"result": result, "outputs_hash": outputs_hash(stage, cfg)}
 
