@@ -7,11 +7,11 @@ What the orchestration adds, and nothing else (stage logic lives in spo/stages):
   ``sections`` that shape the stage's output, the content (``spo.utils.hash_tree``) of the artifacts it
   ``reads`` and of the local models its config names (``model_refs``; hub ids by name), its declared
   ``code`` files and the project root, so an unchanged SPM is not retrained. A cached result also records
-  the hash of the stage's outputs (``writes`` + ``reports``); when those were deleted or changed since (a manual ``spo train``, ``make clean``), the stage
-  runs again instead of trusting the cache. Register and promote talk to the registry and never cache.
+  the hash of the stage's outputs (``writes`` + ``reports``); when those were deleted or changed since (a
+  manual ``spo train``, ``make clean``), the stage runs again instead of trusting the cache. Register and promote talk to the registry and never cache.
 * **Retries** (``StageSpec.retries``) with exponential backoff only for failures that can be transient
-  (network, timeouts, a busy tracking store); a :class:`~spo.errors.SPOError` -- bad data (``DataValidationError``), a missing model,
-  NaNs -- fails at once.
+  (network, timeouts, a busy tracking store); a :class:`~spo.errors.SPOError` -- bad data
+  (``DataValidationError``), a missing model, NaNs -- fails at once.
 * **Lineage**: one MLflow parent run per flow run, a nested run per stage (spo.tracking).
 * **Artifacts**: a markdown summary (data card, SPM accuracy by t, evaluation table with CIs, registry
   decision, MLflow link) and table artifacts, on the flow run's Artifacts tab.
