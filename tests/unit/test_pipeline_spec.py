@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 
 import pytest
 import yaml
@@ -86,6 +87,9 @@ def test_every_stage_module_imports_and_has_run():
     for stage in STAGES:
         module = importlib.import_module(stage.module)
         assert callable(getattr(module, "run", None)), stage.module
+        params = inspect.signature(module.run).parameters
+        for opt in stage.options:  # the CLI passes run(cfg, **{opt.dest: value})
+            assert opt.dest in params, (stage.name, opt.flag)
 
 
 def test_every_artifact_name_referenced_exists():
