@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint bench clean params
+.PHONY: install run test lint bench clean params dvc-yaml
 
 install: $(STAMP)
 
@@ -47,3 +47,7 @@ clean:
 # params.yaml is the resolved tiny preset (the DVC params file); regenerate after editing spo/presets/tiny.yaml.
 params: install
 	{ head -n 2 params.yaml; $(BIN)/spo config --preset tiny --params /dev/null; } > params.yaml.new && mv params.yaml.new params.yaml
+
+# dvc.yaml is generated from the stage graph in spo/pipeline_spec.py (a unit test fails when they drift).
+dvc-yaml: install
+	$(BIN)/spo dvc-yaml > dvc.yaml.new && mv dvc.yaml.new dvc.yaml

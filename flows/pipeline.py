@@ -3,14 +3,15 @@
 
 What the orchestration adds, and nothing else (stage logic lives in spo/stages):
 
-* **Caching** on the stage's inputs: the key hashes the config sections that shape the stage's output, the
-  content of its input files (``spo.utils.hash_tree``), the source of the ``spo`` package and the project
-  root, so an unchanged SPM is not retrained. A cached result also records the hash of the stage's
-  outputs; when those were deleted or changed since (a manual ``spo train``, ``make clean``), the stage
-  runs again instead of trusting the cache. Register and promote talk to the registry and never cache.
-* **Retries** with exponential backoff only for failures that can be transient (network, timeouts, a busy
-  tracking store); a :class:`~spo.errors.SPOError` -- bad data (``DataValidationError``), a missing model,
-  NaNs -- fails at once.
+* **Caching** on the stage's inputs, as declared in :mod:`spo.pipeline_spec`: the key hashes the config
+  ``sections`` that shape the stage's output, the content (``spo.utils.hash_tree``) of the artifacts it
+  ``reads`` and of the local models its config names (``model_refs``; hub ids by name), its declared
+  ``code`` files and the project root, so an unchanged SPM is not retrained. A cached result also records
+  the hash of the stage's outputs (``writes`` + ``reports``); when those were deleted or changed since (a
+  manual ``spo train``, ``make clean``), the stage runs again instead of trusting the cache. Register and promote talk to the registry and never cache.
+* **Retries** (``StageSpec.retries``) with exponential backoff only for failures that can be transient
+  (network, timeouts, a busy tracking store); a :class:`~spo.errors.SPOError` -- bad data
+  (``DataValidationError``), a missing model, NaNs -- fails at once.
 * **Lineage**: one MLflow parent run per flow run, a nested run per stage (spo.tracking).
 * **Artifacts**: a markdown summary (data card, SPM accuracy by t, evaluation table with CIs, registry
   decision, MLflow link) and table artifacts, on the flow run's Artifacts tab.
@@ -29,8 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,124 +39,86 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-import spo
 from spo import tracking
 from spo.config import DEFAULT_PARAMS_FILE, Config, load_config
 from spo.errors import DataValidationError, SPOError
+from spo.pipeline_spec import STAGE_BY_NAME, STAGES, StageSpec, artifact_path, repo_root, stages_for
+from spo.results import StageResult
 from spo.utils import atomic_write_json, hash_tree, json_digest
 
 FLOW_NAME = "spo-pipeline"
 
 
-# -- the stages ----------------------------------------------------------------------------------------
-def _local_refs(cfg: Config, *refs: str | None) -> list[Path | str]:
-    """Model/data references as cache inputs: local folders by content, hub ids by name."""
-    out: list[Path | str] = []
-    for ref in refs:
+# -- the stages (declared in spo/pipeline_spec.py) ------------------------------------------------------
+def _config_value(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def stage_inputs(stage: StageSpec, cfg: Config) -> list[Path | str]:
+    """What the stage's result depends on besides config and code: the artifacts it reads (by content) and
+    the models/data its config names (``model_refs``; local folders by content, hub ids by name)."""
+    out: list[Path | str] = [artifact_path(cfg, name) for name in stage.reads]
+    for key in stage.model_refs:
+        ref = _config_value(cfg, key)
         if ref:
-            out.append(tracking.local_model_dir(cfg, ref) or ref)
-    return out
+            out.append(tracking.local_model_dir(cfg, ref) or str(ref))
+    seen: set[str] = set()
+    unique: list[Path | str] = []
+    for item in out:  # the tiny preset's model.pretrained is models/base, also a read: hash it once
+        ident = str(Path(item).resolve()) if isinstance(item, Path) else f"ref:{item}"
+        if ident not in seen:
+            seen.add(ident)
+            unique.append(item)
+    return unique
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One pipeline stage as the orchestrators see it (dvc.yaml declares the same deps/outs)."""
-
-    name: str  # module in spo.stages, MLflow run name, DVC stage name, Prefect task name
-    sections: tuple[str, ...]  # config sections that shape the output
-    inputs: Callable[[Config], list[Path | str]]
-    outputs: Callable[[Config], list[Path]]
-    retries: int = 0  # only ever used for transient failures (see is_transient)
-    tiny_only: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
+def _code_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(
+        f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"
+    )
 
 
-def _reports(cfg: Config, *names: str) -> list[Path]:
-    return [Path(cfg.paths.reports) / n for n in names]
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        "synth",
-        ("synthetic",),
-        inputs=lambda c: [],
-        outputs=lambda c: [c.paths.raw_data],
-        tiny_only=True,
-    ),
-    Stage(
-        "base",
-        ("base", "synthetic", "model"),
-        inputs=lambda c: [c.paths.raw_data],
-        outputs=lambda c: [c.paths.base_model],
-        tiny_only=True,
-    ),
-    Stage(
-        "prepare",
-        ("data",),
-        inputs=lambda c: _local_refs(c, c.data.source, c.data.revision),
-        outputs=lambda c: [c.paths.prepared, Path(c.paths.reports) / "data_validation"],
-        retries=2,  # downloads from the hub
-    ),
-    Stage(
-        "train_spm",
-        ("model", "data", "spm"),
-        inputs=lambda c: [c.paths.prepared, *_local_refs(c, c.data.source, c.model.pretrained, c.spm.init)],
-        outputs=lambda c: [c.paths.spm_model, *_reports(c, "spm_metrics.json", "spm_accuracy.csv")],
-        retries=1,
-        tags=("gpu",),
-    ),
-    Stage(
-        "train_spo",
-        ("model", "spo"),
-        inputs=lambda c: [c.paths.prepared, c.paths.spm_model, *_local_refs(c, c.model.pretrained)],
-        outputs=lambda c: [c.paths.lora, *_reports(c, "spo_train.json")],
-        retries=1,
-        tags=("gpu",),
-    ),
-    Stage(
-        "evaluate",
-        ("model", "eval"),
-        inputs=lambda c: [
-            c.paths.prepared,
-            c.paths.lora,
-            c.paths.spm_model,
-            *_local_refs(c, c.model.pretrained, c.eval.pickscore_model, c.eval.clip_model),
-        ],
-        outputs=lambda c: [c.paths.eval_reports],
-        retries=2,  # scorer downloads
-        tags=("gpu",),
-    ),
-)
-STAGE_BY_NAME = {s.name: s for s in STAGES}
-
-
-def _code_hash() -> str:
-    """Any change to the spo package invalidates every cached stage (conservative, and cheap to compute)."""
-    root = Path(spo.__file__).parent
+def code_hash(stage: StageSpec, root: Path | None = None) -> str:
+    """Content hash of the stage's declared ``code`` (paths relative to the repository root): editing
+    spo/stats.py invalidates evaluate's cache and nothing else."""
+    root = Path(root or REPO_ROOT)
     h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
+    for rel in stage.code:
+        path = root / rel
+        if not path.exists():
+            h.update(f"absent:{rel}".encode())
+            continue
+        for f in _code_files(path):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+REPO_ROOT = repo_root()  # where StageSpec.code paths are read (tests point it at a copy)
 
 
 def _hash_paths(items: list[Path | str]) -> list[str]:
     return [hash_tree(p) if isinstance(p, Path) and p.exists() else f"absent:{p}" for p in items]
 
 
-def cache_key(stage: Stage, cfg: Config) -> str:
+def cache_key(stage: StageSpec, cfg: Config) -> str:
     payload = {
         "stage": stage.name,
         "config": cfg.section_hash(*stage.sections),
-        "inputs": _hash_paths(stage.inputs(cfg)),
-        "code": _code_hash(),
+        "inputs": _hash_paths(stage_inputs(stage, cfg)),
+        "code": code_hash(stage),
         "root": str(Path(cfg.paths.root).resolve()),
     }
     return f"spo-{stage.name}-" + json_digest(payload, 24)
 
 
-def outputs_hash(stage: Stage, cfg: Config) -> str:
-    return json_digest(_hash_paths(stage.outputs(cfg)), None)
+def outputs_hash(stage: StageSpec, cfg: Config) -> str:
+    return json_digest(_hash_paths(stage.output_paths(cfg)), None)
 
 
 # -- retries -------------------------------------------------------------------------------------------
@@ -209,9 +171,6 @@ def _retry_if_transient(task_, task_run, state) -> bool:
 
 
 # -- tasks ---------------------------------------------------------------------------------------------
-CLI_COMMAND = {"train_spm": "train-spm", "train_spo": "train"}  # the others are named like their module
-
-
 def _launch_with_accelerate(stage_name: str, cfg: Config, accelerate_config: str) -> dict[str, Any]:
     """Run a stage on several GPUs/nodes: ``accelerate launch -m spo.cli <stage>`` with this exact config,
     its MLflow run nested under the pipeline's run. The stage's own error is in the log above the failure."""
@@ -226,7 +185,7 @@ def _launch_with_accelerate(stage_name: str, cfg: Config, accelerate_config: str
             accelerate_config,
             "-m",
             "spo.cli",
-            CLI_COMMAND.get(stage_name, stage_name),
+            STAGE_BY_NAME[stage_name].cli,
             "--params",
             str(params),
         ]
@@ -242,18 +201,23 @@ def _launch_with_accelerate(stage_name: str, cfg: Config, accelerate_config: str
 
 
 def _execute(stage_name: str, cfg: Config, accelerate_config: str | None = None) -> dict[str, Any]:
-    """Run one stage under its MLflow run; return its summary and the hash of what it wrote."""
+    """Run one stage under its MLflow run; return its summary (a plain dict, for Prefect's result store)
+    and the hash of what it wrote."""
+    stage = STAGE_BY_NAME[stage_name]
     if accelerate_config:
         result = _launch_with_accelerate(stage_name, cfg, accelerate_config)
     else:
-        module = importlib.import_module(f"spo.stages.{stage_name}")
+        module = importlib.import_module(stage.module)
         with tracking.stage_tracker(cfg, stage_name):
             result = module.run(cfg)
-    stage = STAGE_BY_NAME.get(stage_name)
-    return {"result": result, "outputs_hash": outputs_hash(stage, cfg) if stage else None}
+    if isinstance(result, StageResult):
+        result = result.to_dict()
+    elif isinstance(result, Mapping):
+        result = dict(result)
+    return {"result": result, "outputs_hash": outputs_hash(stage, cfg)}
 
 
-def _stage_task(stage: Stage):
+def _stage_task(stage: StageSpec):
     return task(
         _execute,
         name=stage.name,
@@ -268,7 +232,7 @@ def _stage_task(stage: Stage):
     )
 
 
-STAGE_TASKS = {s.name: _stage_task(s) for s in STAGES}
+STAGE_TASKS = {s.name: _stage_task(s) for s in STAGES if not s.registry}
 
 # Registry calls: retried on a flaky tracking server; safe to repeat (registration is idempotent).
 registry_task = task(
@@ -283,7 +247,7 @@ registry_task = task(
 )
 
 
-def run_stage(stage: Stage, cfg: Config, accelerate_config: str | None = None) -> dict[str, Any]:
+def run_stage(stage: StageSpec, cfg: Config, accelerate_config: str | None = None) -> dict[str, Any]:
     """The stage's task, with a cache hit accepted only if the outputs it recorded are still on disk."""
     started = time.monotonic()
     state = STAGE_TASKS[stage.name](stage.name, cfg, accelerate_config, return_state=True)
@@ -318,11 +282,12 @@ def spo_pipeline(
     started = time.monotonic()
     cfg = load_config(preset, overrides or [], params_file)
     logger = get_run_logger()
-    stages = [s for s in STAGES if cfg.is_tiny or not s.tiny_only]
+    stages = stages_for(cfg)
     launch = accelerate_configs or {}
-    unknown = sorted(set(launch) - {s.name for s in STAGES if "gpu" in s.tags})
+    gpu_stages = [s.name for s in STAGES if s.gpu]
+    unknown = sorted(set(launch) - set(gpu_stages))
     if unknown:
-        raise SPOError(f"accelerate_configs: {unknown} are not GPU stages (train_spm, train_spo, evaluate)")
+        raise SPOError(f"accelerate_configs: {unknown} are not GPU stages ({', '.join(gpu_stages)})")
     logger.info(
         "preset %s, root %s, stages: %s",
         cfg.preset,
@@ -335,6 +300,8 @@ def spo_pipeline(
         cfg, tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
     ) as parent:
         for stage in stages:
+            if stage.registry:  # register, promote: below, never cached
+                continue
             results[stage.name] = run_stage(stage, cfg, launch.get(stage.name))
             logger.info("%s: %s", stage.name, "cached" if results[stage.name]["cached"] else "done")
         registered = registry_task("register", cfg)["result"]
@@ -344,9 +311,9 @@ def spo_pipeline(
         parent.set_tags(
             {"registry.version": registered["version"], "registry.decision": decision["decision"]}
         )
-        parent.log_dict(summary, "pipeline_summary.json")
+        parent.log_dict(summary, artifact_path(cfg, "pipeline_summary").name)
         parent.log_text(summary_markdown(summary), "pipeline_summary.md")
-    atomic_write_json(Path(cfg.paths.reports) / "pipeline_summary.json", summary)
+    atomic_write_json(artifact_path(cfg, "pipeline_summary"), summary)
     publish_artifacts(summary)
     return summary
 
@@ -362,10 +329,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def build_summary(
     cfg: Config, results, registered, decision, parent_run_id: str | None, seconds: float
 ) -> dict[str, Any]:
-    p = cfg.paths
-    spm = _read_json(Path(p.reports) / "spm_metrics.json")
-    metrics = _read_json(Path(p.eval_reports) / "metrics.json")
-    card = _read_json(Path(p.prepared) / "data_card.json")
+    spm = _read_json(artifact_path(cfg, "spm_metrics"))
+    metrics = _read_json(artifact_path(cfg, "eval_metrics"))
+    card = _read_json(artifact_path(cfg, "data_card"))
     mlflow_info: dict[str, Any] = {"tracking_uri": tracking.tracking_uri(cfg), "ui": tracking.ui_command(cfg)}
     if parent_run_id:
         exp = tracking.experiment_id_of(parent_run_id)
@@ -375,14 +341,14 @@ def build_summary(
     return {
         "preset": cfg.preset,
         "seconds": round(seconds, 1),
-        "summary_file": str(Path(p.reports) / "pipeline_summary.json"),
+        "summary_file": str(artifact_path(cfg, "pipeline_summary")),
         "stages": {name: {"cached": r["cached"], "seconds": r["seconds"]} for name, r in results.items()},
         "outputs": {
-            "prepared": str(p.prepared),
-            "spm": str(p.spm_model),
-            "lora": str(p.lora),
-            "eval": str(p.eval_reports),
-            "grid": str(Path(p.eval_reports) / "grid.png"),
+            "prepared": str(artifact_path(cfg, "prepared")),
+            "spm": str(artifact_path(cfg, "spm_model")),
+            "lora": str(artifact_path(cfg, "lora")),
+            "eval": str(artifact_path(cfg, "eval_reports")),
+            "grid": str(artifact_path(cfg, "eval_grid")),
         },
         "data_card": data_card_view(card),
         "spm_accuracy": {

@@ -1,5 +1,8 @@
 """The ``spo`` command. Each stage command resolves the config and calls ``spo.stages.<stage>.run``.
 
+The stage commands, their help and options come from :data:`spo.pipeline_spec.STAGES`; ``config``,
+``pipeline``, ``generate``, ``export`` and ``dvc-yaml`` are written out here.
+
 Heavy libraries are imported inside the commands so that ``spo --help`` answers at once.
 """
 
@@ -10,11 +13,12 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from spo.config import DEFAULT_PARAMS_FILE, PRESETS, ConfigError, load_config
 from spo.errors import SPOError
+from spo.pipeline_spec import STAGE_BY_CLI, STAGES, StageSpec
 
 EPILOG = """\
 config: every command takes --preset {tiny,sd15,sdxl} and any number of --set section.key=value
@@ -44,47 +48,30 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-# command name -> (stage module, help)
-STAGES: dict[str, tuple[str, str]] = {
-    "synth": ("synth", "generate the tiny world's Pick-a-Pic-format dataset (tiny preset)"),
-    "base": ("base", "pretrain the tiny base model and tiny CLIP (tiny preset)"),
-    "prepare": ("prepare", "validate Pick-a-Pic with Great Expectations and write data/prepared/"),
-    "train-spm": ("train_spm", "train the step-aware preference model (models/spm/)"),
-    "train": ("train_spo", "SPO LoRA fine-tuning (models/spo/lora/)"),
-    "evaluate": ("evaluate", "paired-seed evaluation of base vs base+LoRA (reports/eval/)"),
-    "register": ("register", "log the LoRA as an MLflow model version with alias 'challenger'"),
-    "promote": ("promote", "move 'champion' to the challenger if it passes the gate"),
-}
-
-
-def _stage_extra_args(name: str, p: argparse.ArgumentParser) -> None:
-    if name == "train":
-        p.add_argument("--resume", default=None, metavar="latest|PATH", help="resume from a checkpoint")
-    if name == "train-spm":
-        p.add_argument("--resume", default=None, metavar="latest|PATH", help="resume from a checkpoint")
-    if name == "evaluate":
-        p.add_argument("--lora", default=None, help="LoRA folder, file or hub id (default: models/spo/lora)")
-    if name == "base":
-        p.add_argument("--force", action="store_true", help="retrain even if models/base is up to date")
-    if name == "synth":
-        p.add_argument("--force", action="store_true", help="regenerate even if the data is up to date")
+def _add_stage_options(spec: StageSpec, p: argparse.ArgumentParser) -> None:
+    for opt in spec.options:
+        if opt.is_flag:
+            p.add_argument(opt.flag, dest=opt.dest, action="store_true", help=opt.help)
+        else:
+            p.add_argument(opt.flag, dest=opt.dest, default=opt.default, metavar=opt.metavar, help=opt.help)
 
 
 def _print_result(result: Any) -> None:
     if result is None:
         return
-    if isinstance(result, dict):
-        print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, Mapping):  # dicts and spo.results.StageResult
+        print(json.dumps(dict(result), indent=2, default=str))
     else:
         print(result)
 
 
-def _run_stage(module: str, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
+def _run_stage(spec: StageSpec, args: argparse.Namespace) -> Any:
     cfg = load_config(args.preset, args.overrides, args.params)
-    stage = importlib.import_module(f"spo.stages.{module}")
+    stage = importlib.import_module(spec.module)
     from spo import tracking
 
-    with tracking.stage_tracker(cfg, module) as _:
+    extra = {opt.dest: getattr(args, opt.dest) for opt in spec.options}
+    with tracking.stage_tracker(cfg, spec.name) as _:
         return stage.run(cfg, **extra)
 
 
@@ -100,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(p)
 
-    for name, (_module, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for spec in STAGES:
+        p = sub.add_parser(spec.cli, help=spec.help, description=spec.help)
         _add_config_args(p)
-        _stage_extra_args(name, p)
+        _add_stage_options(spec, p)
 
     p = sub.add_parser("pipeline", help="run the whole pipeline as a Prefect flow (the `make run` job)")
     _add_config_args(p)
@@ -121,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
     p.add_argument("--lora", default=None, help="LoRA folder (default: models/spo/lora)")
     p.add_argument("-o", "--output", default=None, help="output .safetensors file")
+
+    p = sub.add_parser(
+        "dvc-yaml",
+        help="print dvc.yaml as generated from the stage graph (spo dvc-yaml > dvc.yaml)",
+        description="Print dvc.yaml as generated from spo/pipeline_spec.py; --check compares it with a file.",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 with a diff when the file differs from the generated one, instead of printing",
+    )
+    p.add_argument("--file", default="dvc.yaml", help="the file --check compares (default: %(default)s)")
     return parser
 
 
@@ -129,10 +128,8 @@ def _dispatch(args: argparse.Namespace) -> Any:
         cfg = load_config(args.preset, args.overrides, args.params)
         sys.stdout.write(cfg.to_yaml())
         return None
-    if args.command in STAGES:
-        module = STAGES[args.command][0]
-        extra = {k: getattr(args, k) for k in ("resume", "lora", "force") if hasattr(args, k)}
-        return _run_stage(module, args, extra)
+    if args.command in STAGE_BY_CLI:
+        return _run_stage(STAGE_BY_CLI[args.command], args)
     handlers: dict[str, Callable[[argparse.Namespace], Any]] = {
         "pipeline": _cmd_pipeline,
         "generate": _cmd_generate,
@@ -161,10 +158,26 @@ def _cmd_export(args: argparse.Namespace) -> Any:
     return export(cfg, fmt=args.format, lora=args.lora, output=args.output)
 
 
+def _cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from spo.dvc_yaml import check_dvc_yaml, render_dvc_yaml
+
+    if not args.check:
+        sys.stdout.write(render_dvc_yaml())
+        return 0
+    problem = check_dvc_yaml(args.file)
+    if problem:
+        print(f"spo dvc-yaml: {problem}", file=sys.stderr, end="" if problem.endswith("\n") else "\n")
+        return 1
+    print(f"{args.file} is up to date")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from spo.utils import setup_logging
 
     args = build_parser().parse_args(argv)
+    if args.command == "dvc-yaml":
+        return _cmd_dvc_yaml(args)
     setup_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     try:
         _print_result(_dispatch(args))

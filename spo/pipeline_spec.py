@@ -50,6 +50,10 @@ class Artifact:
         """Absolute-or-root-relative path; ``root`` is a path, a Config or a PathsConfig."""
         return _root_of(root) / self.relpath()
 
+    def top_level(self) -> Artifact:
+        """The top-level artifact this one lives in (itself when it has no parent): what DVC tracks."""
+        return self if self.parent is None else ARTIFACTS[self.parent].top_level()
+
 
 def _root_of(obj: Any) -> Path:
     if isinstance(obj, str | Path):
@@ -116,6 +120,20 @@ def artifact_path(root: str | Path | Any, name: str) -> Path:
         raise KeyError(f"unknown artifact {name!r}; known: {', '.join(ARTIFACTS)}") from None
 
 
+def artifact_in(folder: str | Path, name: str) -> Path:
+    """Artifact ``name`` inside ``folder``, a stand-in for its parent artifact (a stage writing its output
+    into a temporary folder that is swapped in whole: ``artifact_in(tmp, "data_card")``)."""
+    artifact = ARTIFACTS[name]
+    if artifact.parent is None:
+        raise ValueError(f"artifact {name!r} has no parent artifact; use artifact_path")
+    return Path(folder) / artifact.rel
+
+
+def repo_root() -> Path:
+    """The repository root (the parent of the ``spo`` package): what ``StageSpec.code`` paths are relative to."""
+    return Path(__file__).resolve().parent.parent
+
+
 @dataclass(frozen=True)
 class Option:
     """A stage-specific CLI option, passed to ``run(cfg, **{dest: value})``."""
@@ -161,6 +179,8 @@ class StageSpec:
     registry: bool = False
     retries: int = 0  # only ever used for transient failures
     tags: tuple[str, ...] = field(default_factory=tuple)
+    mlflow_dir: str = ""  # where the stage's run carries its report files ("" = the run's artifact root)
+    note: str = ""  # a comment above the stage in the generated dvc.yaml
 
     @property
     def module(self) -> str:
@@ -183,6 +203,10 @@ class StageSpec:
 
     def outputs(self) -> tuple[Artifact, ...]:
         return tuple(ARTIFACTS[n] for n in (*self.writes, *self.reports))
+
+    def output_paths(self, root: str | Path | Any) -> list[Path]:
+        """Where the stage's outputs (``writes`` + ``reports``) live under ``root`` (a path or a Config)."""
+        return [a.path(root) for a in self.outputs()]
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -218,6 +242,7 @@ STAGES: tuple[StageSpec, ...] = (
         code=("spo/stages/prepare.py", "spo/data/pickapic.py", "spo/data/expectations.py"),
         model_refs=("data.source",),
         retries=2,  # downloads from the hub
+        mlflow_dir="data",
     ),
     StageSpec(
         "train_spm",
@@ -225,6 +250,7 @@ STAGES: tuple[StageSpec, ...] = (
         help="train the step-aware preference model (models/spm/)",
         sections=("model", "data", "spm"),
         reads=("prepared", "raw_data", "base_model"),  # the prepared tables point at the source images
+        note="The prepared pair tables point at the source images in data/raw, hence that dependency.",
         writes=("spm_model",),
         reports=("spm_metrics", "spm_accuracy", "spm_accuracy_plot", "spm_curves"),
         code=(
@@ -238,6 +264,7 @@ STAGES: tuple[StageSpec, ...] = (
         options=(RESUME,),
         retries=1,
         tags=("gpu",),
+        mlflow_dir="spm",
     ),
     StageSpec(
         "train_spo",
@@ -279,6 +306,7 @@ STAGES: tuple[StageSpec, ...] = (
         options=(Option("--lora", "LoRA folder, file or hub id (default: models/spo/lora)"),),
         retries=2,  # scorer downloads
         tags=("gpu",),
+        mlflow_dir="eval",
     ),
     StageSpec(
         "register",
@@ -290,6 +318,11 @@ STAGES: tuple[StageSpec, ...] = (
         code=("spo/stages/register.py", "spo/tracking.py"),
         registry=True,
         retries=3,
+        mlflow_dir="registry",
+        note=(
+            "The registry lives in MLflow, not in files: these stages record what they did in small JSON files "
+            "so that DVC knows when to run them (a new LoRA or evaluation; a changed gate)."
+        ),
     ),
     StageSpec(
         "promote",
@@ -301,6 +334,7 @@ STAGES: tuple[StageSpec, ...] = (
         code=("spo/stages/promote.py", "spo/tracking.py"),
         registry=True,
         retries=3,
+        mlflow_dir="registry",
     ),
 )
 STAGE_BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
@@ -316,6 +350,23 @@ def producer_of(artifact: str) -> StageSpec | None:
                 return stage
         name = ARTIFACTS[name].parent
     return None
+
+
+def upstream_stages(stage: str) -> tuple[StageSpec, ...]:
+    """The stages whose lineage products a run of ``stage`` is tagged with: the producers of what it
+    ``reads``, closed transitively through their own reads (register: prepare, train_spm, train_spo,
+    evaluate, and synth/base upstream of those), in pipeline order. ``"pipeline"``: every stage with a product."""
+    if stage == "pipeline":
+        return tuple(s for s in STAGES if s.product() is not None)
+    seen: set[str] = set()
+    todo = list(STAGE_BY_NAME[stage].reads)
+    while todo:
+        producer = producer_of(todo.pop())
+        if producer is None or producer.name in seen or producer.name == stage:
+            continue
+        seen.add(producer.name)
+        todo.extend(producer.reads)
+    return tuple(s for s in STAGES if s.name in seen and s.product() is not None)
 
 
 def stages_for(cfg: Any) -> list[StageSpec]:

@@ -261,35 +261,6 @@ def git_state(root: str | Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
 
 
-@dataclass(frozen=True)
-class _Product:
-    """What a stage produces (its lineage output) and the tag under which consumers record it."""
-
-    stage: str
-    path: str  # attribute of cfg.paths
-    tag: str  # lineage.<tag>_md5 / lineage.<tag>_run_id on the runs that consume it
-
-
-PRODUCTS = {
-    "synth": _Product("synth", "raw_data", "raw_data"),
-    "base": _Product("base", "base_model", "base"),
-    "prepare": _Product("prepare", "prepared", "data_prepared"),
-    "train_spm": _Product("train_spm", "spm_model", "spm"),
-    "train_spo": _Product("train_spo", "lora", "lora"),
-    "evaluate": _Product("evaluate", "eval_reports", "eval"),
-}
-# The upstream products a stage's run is tagged with (hash + the run that produced it).
-CONSUMES = {
-    "base": ("synth",),
-    "prepare": ("synth",),
-    "train_spm": ("prepare",),
-    "train_spo": ("prepare", "train_spm"),
-    "evaluate": ("prepare", "train_spm", "train_spo"),
-    "register": ("prepare", "train_spm", "train_spo", "evaluate"),
-    "pipeline": ("prepare", "train_spm", "train_spo", "evaluate"),
-}
-
-
 def local_model_dir(cfg: Any, ref: str) -> Path | None:
     """The existing local folder or file a model reference names (:meth:`spo.refs.ModelRef.parse`, rooted at
     ``paths.root``), resolved; None for hub ids, registry URIs, missing paths and malformed text."""
@@ -304,8 +275,13 @@ def local_model_dir(cfg: Any, ref: str) -> Path | None:
     return parsed.path.resolve() if parsed.exists() and parsed.path is not None else None
 
 
-def product_path(cfg: Any, stage: str) -> Path:
-    return Path(getattr(cfg.paths, PRODUCTS[stage].path))
+def _product_path(cfg: Any, stage: str) -> Path | None:
+    """Where the lineage product of ``stage`` lives (``StageSpec.product()``), None if it has none."""
+    from spo.pipeline_spec import STAGE_BY_NAME
+
+    spec = STAGE_BY_NAME.get(stage)
+    product = spec.product() if spec is not None else None
+    return product.path(cfg) if product is not None else None
 
 
 def find_producer(stage: str, md5: str) -> str | None:
@@ -324,8 +300,11 @@ def find_producer(stage: str, md5: str) -> str | None:
 
 
 def lineage_tags(cfg: Any, stage: str, upstream: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Tags recording what a run of ``stage`` was built from (see module docstring); ``upstream`` defaults
-    to the products the stage consumes."""
+    """Tags recording what a run of ``stage`` was built from (see module docstring); ``upstream`` (stage
+    names) defaults to the producers of what the stage reads, transitively
+    (:func:`spo.pipeline_spec.upstream_stages`; ``"pipeline"``: every stage with a product)."""
+    from spo.pipeline_spec import STAGE_BY_NAME, upstream_stages
+
     tags = {"spo.preset": cfg.preset, "spo.stage": stage, **git_state(cfg.paths.root)}
     local = local_model_dir(cfg, cfg.model.pretrained)
     tags["lineage.base_model"] = str(local) if local else str(cfg.model.pretrained)
@@ -333,13 +312,17 @@ def lineage_tags(cfg: Any, stage: str, upstream: tuple[str, ...] | None = None) 
         tags["lineage.base_model_revision"] = cfg.model.revision
     if local:
         tags["lineage.base_model_md5"] = dvc_md5(local) or ""
-    for product in CONSUMES.get(stage, ()) if upstream is None else upstream:
-        md5 = dvc_md5(product_path(cfg, product))
+    if upstream is None:
+        known = stage == "pipeline" or stage in STAGE_BY_NAME
+        upstream = tuple(s.name for s in upstream_stages(stage)) if known else ()
+    for name in upstream:
+        product = STAGE_BY_NAME[name].product()
+        md5 = dvc_md5(product.path(cfg)) if product is not None else None
         if md5 is None:
             continue
-        tag = PRODUCTS[product].tag
+        tag = product.lineage
         tags[f"lineage.{tag}_md5"] = md5
-        producer = find_producer(product, md5) if cfg.tracking.enabled else None
+        producer = find_producer(name, md5) if cfg.tracking.enabled else None
         if producer:
             tags[f"lineage.{tag}_run_id"] = producer
     return tags
@@ -396,28 +379,34 @@ def stage_tracker(cfg: Any, stage: str) -> Iterator[Tracker]:
         tracker.log_params(cfg.flat())
         tracker.log_dict(cfg.to_dict(), "config/resolved_config.json")
         yield tracker
-        if stage in PRODUCTS:
-            tracker.set_tags({"spo.output_md5": dvc_md5(product_path(cfg, stage))})
+        output = _product_path(cfg, stage)
+        if output is not None:
+            tracker.set_tags({"spo.output_md5": dvc_md5(output)})
         for path, dest in stage_reports(cfg, stage):
             tracker.log_artifact(path, dest)
 
 
-def stage_reports(cfg: Any, stage: str) -> list[tuple[Path, str]]:
-    """Report files a stage's run carries as artifacts (those that exist), besides what the stage logs
-    itself: the data card and the Great Expectations Data Docs, the SPM's reports, the per-image scores."""
-    p = cfg.paths
-    reports = {
-        "prepare": [
-            (p.prepared / "data_card.json", "data"),
-            (p.reports / "data_validation", "data_validation"),
-        ],
-        "train_spm": [
-            (p.reports / name, "spm")
-            for name in ("spm_metrics.json", "spm_accuracy.csv", "spm_accuracy.png", "spm_train_curves.csv")
-        ],
-        "evaluate": [(p.eval_reports / "per_image.parquet", "eval")],
-    }.get(stage, [])
-    return [(Path(path), dest) for path, dest in reports if Path(path).exists()]
+def stage_reports(cfg: Any, stage: str) -> list[tuple[Path, str | None]]:
+    """Report files a stage's run carries as artifacts (those that exist): the stage's ``writes`` and
+    ``reports`` (spo.pipeline_spec) less its lineage product (models and data are recorded by hash, not
+    copied), files under the stage's ``mlflow_dir`` ("spm", "eval", ...), folders under their own name
+    (the Great Expectations Data Docs as ``data_validation/``)."""
+    from spo.pipeline_spec import STAGE_BY_NAME
+
+    spec = STAGE_BY_NAME.get(stage)
+    if spec is None:
+        return []
+    product = spec.product()
+    out: list[tuple[Path, str | None]] = []
+    for artifact in spec.outputs():
+        if artifact.lineage or (product is not None and artifact.name == product.name):
+            continue
+        path = artifact.path(cfg)
+        if path.is_dir():
+            out.append((path, path.name))
+        elif path.exists():
+            out.append((path, spec.mlflow_dir or None))
+    return out
 
 
 @contextlib.contextmanager

@@ -19,23 +19,42 @@ The validation report goes to ``reports/data_validation/`` on success and on fai
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from spo import tracking
 from spo.errors import DataValidationError, SPOError
+from spo.pipeline_spec import ARTIFACTS, artifact_in, artifact_path
+from spo.results import StageResult
 from spo.utils import atomic_dir, atomic_write_json, get_logger, hash_tree
 
 log = get_logger(__name__)
 
-DATA_CARD = "data_card.json"
-OUTPUTS = ("spm_train", "spm_val", "prompts_train.txt", "prompts_val.txt")
+# The artifacts inside data/prepared whose content hashes the data card records.
+OUTPUTS = ("spm_train_pairs", "spm_val_pairs", "prompts_train", "prompts_val")
+
+
+@dataclasses.dataclass(kw_only=True)
+class PrepareResult(StageResult):
+    """What ``spo prepare`` returns (the data card in data/prepared/ holds the rest)."""
+
+    stage: ClassVar[str] = "prepare"
+    output: str
+    spm_train_pairs: int
+    spm_train_ties: int
+    spm_val_pairs: int
+    spm_val_ties: int
+    prompts_train: int
+    prompts_val: int
+    validation: str
+    seconds: float
 
 
 def validation_dir(cfg) -> Path:
-    return Path(cfg.paths.reports) / "data_validation"
+    return artifact_path(cfg, "data_validation")
 
 
 def _split_roles(cfg) -> dict[str, str]:
@@ -85,7 +104,7 @@ def validate_and_read(cfg, source) -> tuple[dict[str, Any], Any]:
     return {"tables": metas, "shards": shards}, report
 
 
-def run(cfg) -> dict:
+def run(cfg) -> PrepareResult:
     from spo.data.pickapic import (
         PromptDeduper,
         build_pairs,
@@ -191,14 +210,16 @@ def run(cfg) -> dict:
         "software": {"python": platform.python_version(), **_versions()},
     }
 
-    out = Path(cfg.paths.prepared)
-    with atomic_dir(out) as tmp:
-        write_pairs(tmp / "spm_train", train_pairs)
-        write_pairs(tmp / "spm_val", val_pairs)
-        write_prompts(tmp / "prompts_train.txt", prompts_train)
-        write_prompts(tmp / "prompts_val.txt", prompts_val)
-        card["outputs"] = {name: {"sha256": hash_tree(tmp / name)} for name in OUTPUTS}
-        atomic_write_json(tmp / DATA_CARD, card)
+    out = artifact_path(cfg, "prepared")
+    with atomic_dir(out) as tmp:  # artifact_in(tmp, name): where the artifact will be once tmp is swapped in
+        write_pairs(artifact_in(tmp, "spm_train_pairs"), train_pairs)
+        write_pairs(artifact_in(tmp, "spm_val_pairs"), val_pairs)
+        write_prompts(artifact_in(tmp, "prompts_train"), prompts_train)
+        write_prompts(artifact_in(tmp, "prompts_val"), prompts_val)
+        card["outputs"] = {
+            ARTIFACTS[name].rel: {"sha256": hash_tree(artifact_in(tmp, name))} for name in OUTPUTS
+        }
+        atomic_write_json(artifact_in(tmp, "data_card"), card)
     seconds = time.perf_counter() - started
 
     log.info(
@@ -213,17 +234,17 @@ def run(cfg) -> dict:
         seconds,
     )
     _log_tracking(cfg, card, out, report)
-    return {
-        "output": str(out),
-        "spm_train_pairs": train_counts["pairs"],
-        "spm_train_ties": train_counts["ties"],
-        "spm_val_pairs": val_counts["pairs"],
-        "spm_val_ties": val_counts["ties"],
-        "prompts_train": len(prompts_train),
-        "prompts_val": len(prompts_val),
-        "validation": "passed" + (f" with {len(report.warnings)} warning(s)" if report.warnings else ""),
-        "seconds": round(seconds, 2),
-    }
+    return PrepareResult(
+        output=str(out),
+        spm_train_pairs=train_counts["pairs"],
+        spm_train_ties=train_counts["ties"],
+        spm_val_pairs=val_counts["pairs"],
+        spm_val_ties=val_counts["ties"],
+        prompts_train=len(prompts_train),
+        prompts_val=len(prompts_val),
+        validation="passed" + (f" with {len(report.warnings)} warning(s)" if report.warnings else ""),
+        seconds=round(seconds, 2),
+    )
 
 
 def _project_relative(path: str | Path, cfg) -> str:
@@ -254,5 +275,5 @@ def _log_tracking(cfg, card: dict[str, Any], out: Path, report) -> None:
     metrics["data/prompts_val"] = float(card["counts"]["prompts_val"]["written"])
     metrics["data/validation_warnings"] = float(len(report.warnings))
     tracker.log_metrics(metrics)
-    tracker.log_artifact(out / DATA_CARD, "data")
+    tracker.log_artifact(artifact_path(cfg, "data_card"), "data")
     tracker.log_artifact(report.report_dir / "summary.txt", "data/validation")

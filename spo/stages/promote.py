@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import ClassVar
 
 from spo import tracking
 from spo.errors import SPOError
-from spo.utils import atomic_write_json, get_logger
+from spo.pipeline_spec import artifact_path
+from spo.results import StageResult
+from spo.utils import get_logger
 
 log = get_logger(__name__)
 
@@ -85,11 +88,29 @@ def decide(
     return GateResult(True, reason, delta, ci_low, comparable)
 
 
-def summary_path(cfg):
-    return cfg.paths.reports / "registry" / "promote.json"
+@dataclass(kw_only=True)
+class PromoteResult(StageResult):
+    """What ``spo promote`` returns and writes to reports/registry/promote.json."""
+
+    stage: ClassVar[str] = "promote"
+    model: str
+    challenger: str
+    champion_before: str | None
+    decision: str
+    promoted: bool
+    champion: str | None
+    metric: str
+    reason: str
+    delta: float | None
+    ci_low: float | None
+    comparable: bool
 
 
-def run(cfg) -> dict[str, Any]:
+def summary_path(cfg) -> Path:
+    return artifact_path(cfg, "promote_record")
+
+
+def run(cfg) -> PromoteResult:
     name = cfg.registered_model_name
     reg = cfg.registry
     tracking.init_store(cfg)
@@ -98,7 +119,6 @@ def run(cfg) -> dict[str, Any]:
         raise SPOError(f"model {name!r} has no {tracking.CHALLENGER!r} version. Run `spo register` first.")
     champion = tracking.get_version(name, tracking.CHAMPION)
     before = champion.version if champion else None
-    summary: dict[str, Any] = {"model": name, "challenger": challenger.version, "champion_before": before}
 
     if champion is not None and champion.version == challenger.version:
         gate = GateResult(False, "the challenger already is the champion", 0.0, None, True)
@@ -149,12 +169,15 @@ def run(cfg) -> dict[str, Any]:
         champion_after or "none",
     )
     tracking.active().set_tags({"registry.decision": decision, "registry.champion": champion_after or "none"})
-    summary.update(
+    summary = PromoteResult(
+        model=name,
+        challenger=challenger.version,
+        champion_before=before,
         decision=decision,
         promoted=gate.promote,
         champion=champion_after,
         metric=reg.primary_metric,
         **{k: v for k, v in asdict(gate).items() if k != "promote"},
     )
-    atomic_write_json(summary_path(cfg), summary)
+    summary.write(summary_path(cfg))
     return summary

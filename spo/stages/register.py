@@ -13,24 +13,40 @@ used when it was first registered) are left as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from spo import tracking
 from spo.errors import SPOError
-from spo.utils import atomic_write_json, get_logger, json_digest, require_path
+from spo.pipeline_spec import artifact_path
+from spo.results import StageResult
+from spo.utils import get_logger, json_digest, require_path
 
 log = get_logger(__name__)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 STATS = ("base_mean", "spo_mean", "diff_mean", "win_rate", "n")
 INTERVALS = ("diff_ci95", "win_rate_ci95")
 
 
+@dataclasses.dataclass(kw_only=True)
+class RegisterResult(StageResult):
+    """What ``spo register`` returns and writes to reports/registry/register.json."""
+
+    stage: ClassVar[str] = "register"
+    model: str
+    version: str
+    created: bool
+    alias: str
+    uri: str
+    lora_md5: str | None
+    tracking_uri: str
+
+
 def summary_path(cfg) -> Path:
-    return cfg.paths.reports / "registry" / "register.json"
+    return artifact_path(cfg, "register_record")
 
 
 def read_eval_metrics(path: Path, primary_metric: str) -> dict[str, dict[str, Any]]:
@@ -79,16 +95,16 @@ def eval_protocol(cfg, base_md5: str | None) -> str:
         "eval": {k: v for k, v in settings["eval"].items() if k != "lora"},
         "model": settings["model"],
         "base_md5": base_md5,
-        "prompts_md5": tracking.dvc_md5(cfg.paths.prepared / "prompts_val.txt"),
+        "prompts_md5": tracking.dvc_md5(artifact_path(cfg, "prompts_val")),
     }
     return json_digest(payload)
 
 
-def run(cfg) -> dict[str, Any]:
-    lora_dir = require_path(cfg.paths.lora, "the SPO LoRA", "Run `spo train` first.")
-    require_path(lora_dir / LORA_FILE, "the LoRA weights", "Run `spo train` first.")
+def run(cfg) -> RegisterResult:
+    lora_dir = require_path(artifact_path(cfg, "lora"), "the SPO LoRA", "Run `spo train` first.")
+    require_path(artifact_path(cfg, "lora_weights"), "the LoRA weights", "Run `spo train` first.")
     metrics_path = require_path(
-        cfg.paths.eval_reports / "metrics.json", "the evaluation metrics", "Run `spo evaluate` first."
+        artifact_path(cfg, "eval_metrics"), "the evaluation metrics", "Run `spo evaluate` first."
     )
     scorers = read_eval_metrics(metrics_path, cfg.registry.primary_metric)
     if not all(
@@ -126,14 +142,14 @@ def run(cfg) -> dict[str, Any]:
         log.info("LoRA %s is already %s v%s; pointing %r at it", lora_md5, name, version, tracking.CHALLENGER)
     tracking.set_alias(name, tracking.CHALLENGER, version)
     tracking.active().set_tags({"registry.model": name, "registry.version": version})
-    summary = {
-        "model": name,
-        "version": version,
-        "created": created,
-        "alias": tracking.CHALLENGER,
-        "uri": f"models:/{name}@{tracking.CHALLENGER}",
-        "lora_md5": lora_md5,
-        "tracking_uri": tracking.tracking_uri(cfg),
-    }
-    atomic_write_json(summary_path(cfg), summary)
+    summary = RegisterResult(
+        model=name,
+        version=version,
+        created=created,
+        alias=tracking.CHALLENGER,
+        uri=f"models:/{name}@{tracking.CHALLENGER}",
+        lora_md5=lora_md5,
+        tracking_uri=tracking.tracking_uri(cfg),
+    )
+    summary.write(summary_path(cfg))
     return summary

@@ -8,15 +8,38 @@ presets skip it (leaving a placeholder folder for DVC) unless ``force``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from pathlib import Path
+from typing import Any, ClassVar
 
 from spo import tracking
+from spo.pipeline_spec import artifact_in, artifact_path
+from spo.results import StageResult
 from spo.utils import atomic_dir, atomic_write_json, get_logger, hash_tree, read_json
 
 log = get_logger(__name__)
 
-INFO_FILE = "tiny_world.json"
+_OPTIONAL = ("reason", "seconds", "fingerprint", "content_sha256", "splits")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SynthResult(StageResult):
+    """What ``spo synth`` returns; the optional fields appear only when set (a skip for a real preset has
+    a ``reason``, a generation its ``seconds``, both have the fingerprint of tiny_world.json)."""
+
+    stage: ClassVar[str] = "synth"
+    skipped: bool
+    output: str
+    reason: str | None = None
+    seconds: float | None = None
+    fingerprint: str | None = None
+    content_sha256: str | None = None
+    splits: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if not (k in _OPTIONAL and v is None)}
+
+
 # Bump when the generator's output changes for the same config (invalidates existing folders).
 GENERATOR_VERSION = 1
 
@@ -26,8 +49,8 @@ def _fingerprint(cfg) -> str:
 
 
 def is_up_to_date(cfg) -> bool:
-    out = Path(cfg.paths.raw_data)
-    info = out / INFO_FILE
+    out = artifact_path(cfg, "raw_data")
+    info = artifact_path(cfg, "raw_data_info")
     if not info.exists() or not (out / "data").is_dir():
         return False
     recorded = read_json(info)
@@ -36,10 +59,10 @@ def is_up_to_date(cfg) -> bool:
     )
 
 
-def run(cfg, force: bool = False) -> dict:
+def run(cfg, force: bool = False) -> SynthResult:
     from spo.data.synthetic import generate_dataset
 
-    out = Path(cfg.paths.raw_data)
+    out = artifact_path(cfg, "raw_data")
     if not cfg.is_tiny and not force:
         # Real presets read Pick-a-Pic itself; the folder still exists so that dvc.yaml's outs do.
         reason = f"the tiny world is only for the tiny preset; preset {cfg.preset} reads data.source={cfg.data.source}"
@@ -47,10 +70,12 @@ def run(cfg, force: bool = False) -> dict:
         if not out.exists():
             with atomic_dir(out) as tmp:
                 (tmp / "README.txt").write_text(f"Placeholder: {reason}.\n")
-        return {"skipped": True, "reason": reason, "output": str(out)}
+        return SynthResult(skipped=True, reason=reason, output=str(out))
     if not force and is_up_to_date(cfg):
         log.info("tiny world at %s is up to date (use --force to regenerate)", out)
-        return {"skipped": True, **_brief(read_json(out / INFO_FILE)), "output": str(out)}
+        return SynthResult(
+            skipped=True, **_brief(read_json(artifact_path(cfg, "raw_data_info"))), output=str(out)
+        )
 
     started = time.perf_counter()
     with atomic_dir(out) as tmp:
@@ -61,7 +86,7 @@ def run(cfg, force: bool = False) -> dict:
             "synthetic": cfg.synthetic.model_dump(mode="json"),
             **summary,
         }
-        atomic_write_json(tmp / INFO_FILE, info)
+        atomic_write_json(artifact_in(tmp, "raw_data_info"), info)
     seconds = time.perf_counter() - started
     for split, stats in summary["splits"].items():
         log.info(
@@ -81,7 +106,7 @@ def run(cfg, force: bool = False) -> dict:
         {f"synth/{s}_rows": float(v["rows"]) for s, v in summary["splits"].items()}
         | {"synth/seconds": seconds}
     )
-    return {"skipped": False, "seconds": round(seconds, 2), **_brief(info), "output": str(out)}
+    return SynthResult(skipped=False, seconds=round(seconds, 2), **_brief(info), output=str(out))
 
 
 def _brief(info: dict) -> dict:

@@ -71,8 +71,8 @@ def test_exp_run_set_param_reruns_only_what_depends_on_it(dvc_clone):
 def test_dvc_yaml_declares_what_the_flow_stages_write(tmp_path):
     """Both orchestrators run the same stages: every output the flow's cache checks is a DVC out/metric/plot,
     and the flow's config sections are DVC params of that stage."""
-    from flows.pipeline import STAGES as FLOW_STAGES
     from spo.config import load_config
+    from spo.pipeline_spec import STAGES as FLOW_STAGES
 
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(spec) == STAGES
@@ -82,7 +82,7 @@ def test_dvc_yaml_declares_what_the_flow_stages_write(tmp_path):
         for kind in ("outs", "metrics", "plots"):
             for entry in spec[stage.name].get(kind, []):
                 declared.add(next(iter(entry)) if isinstance(entry, dict) else entry)
-        for out in stage.outputs(cfg):
+        for out in stage.output_paths(cfg):
             rel = str(Path(out).relative_to(tmp_path))
             assert rel in declared or any(d.startswith(rel + "/") for d in declared), (stage.name, rel)
         assert set(stage.sections) <= set(spec[stage.name]["params"]), stage.name

@@ -82,3 +82,24 @@ def test_cache_key_follows_the_stage_inputs(tmp_path):
     (tmp_path / "data" / "prepared" / "prompts_train.txt").write_text("a blue square\n")
     assert key() != reference  # its input data
     assert key() == key()
+
+
+def test_code_hash_covers_only_the_stage_declared_code(tmp_path, monkeypatch):
+    """A docstring edit in spo/stats.py invalidates evaluate's cache and no other stage's."""
+    import shutil
+
+    from flows import pipeline
+    from spo.pipeline_spec import STAGES
+
+    repo = tmp_path / "repo"
+    shutil.copytree(pipeline.REPO_ROOT / "spo", repo / "spo", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pipeline, "REPO_ROOT", repo)
+    cfg = project_cfg(tmp_path / "project", "sqlite:///unused.db")
+    before = {s.name: cache_key(s, cfg) for s in STAGES}
+    stats = repo / "spo" / "stats.py"
+    stats.write_text(stats.read_text().replace('"""', '"""Edited. ', 1))
+    after = {s.name: cache_key(s, cfg) for s in STAGES}
+    assert [name for name in before if before[name] != after[name]] == ["evaluate"]
+    (repo / "spo" / "rewards" / "new_scorer.py").write_text("X = 1\n")  # a folder in `code`: any file in it
+    assert cache_key(STAGE_BY_NAME["evaluate"], cfg) != after["evaluate"]
+    assert cache_key(STAGE_BY_NAME["train_spm"], cfg) == after["train_spm"]
