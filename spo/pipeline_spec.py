@@ -216,7 +216,7 @@ STAGES: tuple[StageSpec, ...] = (
         help="generate the tiny world's Pick-a-Pic-format dataset (tiny preset)",
         sections=("synthetic",),
         writes=("raw_data",),
-        code=("spo/stages/synth.py", "spo/data/synthetic.py"),
+        code=("spo/stages/synth.py", "spo/data/synthetic.py", "spo/data/pickapic.py", "spo/utils.py"),
         options=(Option("--force", "regenerate even if the data is up to date", is_flag=True, default=False),),
         tiny_only=True,
     ),
@@ -228,8 +228,21 @@ STAGES: tuple[StageSpec, ...] = (
         reads=("raw_data",),
         writes=("base_model",),
         reports=("base_report", "base_samples"),
-        code=("spo/stages/base.py", "spo/models/tiny.py", "spo/models/diffusion.py"),
-        options=(Option("--force", "retrain even if models/base is up to date", is_flag=True, default=False),),
+        code=(
+            "spo/stages/base.py",
+            "spo/base_training.py",
+            "spo/models/tiny.py",
+            "spo/models/diffusion.py",
+            "spo/models/preference.py",
+            "spo/data/synthetic.py",
+            "spo/data/pickapic.py",
+            "spo/training",
+            "spo/utils.py",
+        ),
+        options=(
+            Option("--force", "retrain even if models/base is up to date", is_flag=True, default=False),
+            RESUME,
+        ),
         tiny_only=True,
     ),
     StageSpec(
@@ -239,7 +252,7 @@ STAGES: tuple[StageSpec, ...] = (
         sections=("data",),
         reads=("raw_data",),
         writes=("prepared", "data_validation"),
-        code=("spo/stages/prepare.py", "spo/data/pickapic.py", "spo/data/expectations.py"),
+        code=("spo/stages/prepare.py", "spo/data/pickapic.py", "spo/data/expectations.py", "spo/utils.py"),
         model_refs=("data.source",),
         retries=2,  # downloads from the hub
         mlflow_dir="data",
@@ -255,10 +268,14 @@ STAGES: tuple[StageSpec, ...] = (
         reports=("spm_metrics", "spm_accuracy", "spm_accuracy_plot", "spm_curves"),
         code=(
             "spo/stages/train_spm.py",
+            "spo/spm_training.py",
             "spo/models/preference.py",
             "spo/models/diffusion.py",
             "spo/losses.py",
             "spo/sampling.py",
+            "spo/data/pickapic.py",
+            "spo/training",
+            "spo/utils.py",
         ),
         model_refs=("data.source", "model.pretrained", "spm.init"),
         options=(RESUME,),
@@ -276,11 +293,15 @@ STAGES: tuple[StageSpec, ...] = (
         reports=("spo_summary", "spo_curves"),
         code=(
             "spo/stages/train_spo.py",
+            "spo/spo_trainer.py",
             "spo/sampling.py",
             "spo/losses.py",
             "spo/models/lora.py",
             "spo/models/diffusion.py",
             "spo/models/preference.py",
+            "spo/data/pickapic.py",
+            "spo/training",
+            "spo/utils.py",
         ),
         model_refs=("model.pretrained",),
         options=(RESUME,),
@@ -297,10 +318,19 @@ STAGES: tuple[StageSpec, ...] = (
         reports=("eval_table", "eval_metrics", "eval_diffs"),
         code=(
             "spo/stages/evaluate.py",
+            "spo/generation.py",
+            "spo/evaluation.py",
+            "spo/eval_report.py",
             "spo/rewards",
             "spo/stats.py",
             "spo/models/diffusion.py",
             "spo/models/lora.py",
+            "spo/models/preference.py",
+            "spo/sampling.py",
+            "spo/losses.py",
+            "spo/data/pickapic.py",
+            "spo/data/synthetic.py",  # the tiny world's toy_aesthetic scorer
+            "spo/utils.py",
         ),
         model_refs=("model.pretrained", "eval.pickscore_model", "eval.clip_model"),
         options=(Option("--lora", "LoRA folder, file or hub id (default: models/spo/lora)"),),
@@ -315,7 +345,7 @@ STAGES: tuple[StageSpec, ...] = (
         sections=("registry",),
         reads=("lora", "eval_metrics"),
         reports=("register_record",),
-        code=("spo/stages/register.py", "spo/tracking.py"),
+        code=("spo/stages/register.py", "spo/tracking.py", "spo/serving.py", "spo/utils.py"),
         registry=True,
         retries=3,
         mlflow_dir="registry",
@@ -331,13 +361,30 @@ STAGES: tuple[StageSpec, ...] = (
         sections=("registry",),
         reads=("register_record",),
         reports=("promote_record",),
-        code=("spo/stages/promote.py", "spo/tracking.py"),
+        code=("spo/stages/promote.py", "spo/tracking.py", "spo/utils.py"),
         registry=True,
         retries=3,
         mlflow_dir="registry",
     ),
 )
 STAGE_BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
+
+# Modules every stage imports that hold no stage logic (names, errors, config plumbing, tracking, reference
+# parsing): an edit there invalidates no cached stage. tests/unit/test_pipeline_spec.py checks that each
+# stage's ``code`` plus these covers every spo module the stage imports, so the lists cannot drift.
+PLUMBING: tuple[str, ...] = (
+    "spo/__init__.py",
+    "spo/errors.py",
+    "spo/config.py",
+    "spo/pipeline_spec.py",
+    "spo/results.py",
+    "spo/refs.py",
+    "spo/hub.py",
+    "spo/tracking.py",
+    "spo/lock.py",
+    "spo/data/__init__.py",
+    "spo/models/__init__.py",
+)
 STAGE_BY_CLI: dict[str, StageSpec] = {s.cli: s for s in STAGES}
 
 

@@ -24,6 +24,7 @@ resumed run ends with the same models as an uninterrupted one. The phases themse
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -44,7 +45,15 @@ from spo.base_training import (
 from spo.pipeline_spec import artifact_path
 from spo.results import StageResult
 from spo.training import CheckpointManager, RunIdentity, require_finite, seed_generator
-from spo.utils import atomic_dir, atomic_write_text, get_logger, hash_tree, read_json, seed_everything
+from spo.utils import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    get_logger,
+    hash_tree,
+    read_json,
+    seed_everything,
+)
 
 log = get_logger(__name__)
 
@@ -169,7 +178,16 @@ def run(cfg, force: bool = False, resume: str | Path | None = None) -> BaseResul
         if not artifact_path(cfg, "base_model").exists():
             with atomic_dir(artifact_path(cfg, "base_model")) as tmp:
                 (tmp / "README.txt").write_text(f"Placeholder: {msg}.\n")
-        return BaseResult(skipped=msg)
+        # ... and its reports too (dvc.yaml declares them), saying why they are empty.
+        result = BaseResult(skipped=msg)
+        result.write(artifact_path(cfg, "base_report"))
+        if not artifact_path(cfg, "base_samples").exists():
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.new("RGB", (1, 1), "white").save(buf, format="PNG")
+            atomic_write_bytes(artifact_path(cfg, "base_samples"), buf.getvalue())
+        return result
     if not force and is_up_to_date(cfg):
         log.info("models/base is up to date (fingerprint %s); use --force to retrain", _fingerprint(cfg))
         return BaseResult.from_dict({"skipped": "up to date", **read_json(artifact_path(cfg, "base_info"))})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +17,7 @@ from spo.dvc_yaml import check_dvc_yaml, render_dvc_yaml, stage_deps
 from spo.pipeline_spec import (
     ARTIFACTS,
     PLOTS,
+    PLUMBING,
     STAGE_BY_CLI,
     STAGE_BY_NAME,
     STAGES,
@@ -255,3 +257,62 @@ def test_lineage_tags_follow_the_reads(tmp_path):
         k.endswith("_md5") and k != "lineage.base_model_md5" for k in tracking.lineage_tags(cfg, "synth")
     )
     assert not any(k.endswith("_md5") for k in tracking.lineage_tags(cfg, "pipeline", upstream=()))
+
+
+def _spo_imports(path: Path, module: str) -> set[str]:
+    """Every ``spo.*`` module a file imports (top-level and inside functions), statically."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.rsplit(".", node.level)[0]
+                base = f"{package}.{base}" if base else package
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] == "spo"}
+
+
+def _module_file(module: str) -> Path | None:
+    root = repo_root()
+    for candidate in (root / (module.replace(".", "/") + ".py"), root / module.replace(".", "/") / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _expand(paths) -> set[str]:
+    root = repo_root()
+    out: set[str] = set()
+    for p in paths:
+        full = root / p
+        out.update(str(f.relative_to(root)) for f in full.rglob("*.py")) if full.is_dir() else out.add(p)
+    return out
+
+
+@pytest.mark.parametrize("stage", [s.name for s in STAGES])
+def test_declared_code_covers_everything_the_stage_imports(stage):
+    """A stage's `code` (DVC deps, Prefect cache key) + PLUMBING covers the transitive closure of the spo
+    modules its module imports: an edit to a module a stage uses always invalidates that stage."""
+    spec = STAGE_BY_NAME[stage]
+    declared = _expand(spec.code) | set(PLUMBING)
+    root = repo_root()
+    todo = [spec.module] + [
+        str(Path(f).with_suffix("")).replace("/", ".") for f in _expand(spec.code) if f.endswith(".py")
+    ]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        path = _module_file(module)
+        if path is None or module in seen:
+            continue
+        seen.add(module)
+        for imported in _spo_imports(path, module):
+            parts = imported.split(".")
+            todo.extend(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    used = {str(_module_file(m).relative_to(root)) for m in seen}
+    assert used - declared == set(), f"{stage}: add to its StageSpec.code (or PLUMBING): {sorted(used - declared)}"
