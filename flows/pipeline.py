@@ -42,6 +42,7 @@ from prefect.tasks import exponential_backoff
 from spo import tracking
 from spo.config import DEFAULT_PARAMS_FILE, Config, load_config
 from spo.errors import DataValidationError, SPOError
+from spo.lock import project_lock
 from spo.pipeline_spec import STAGE_BY_NAME, STAGES, StageSpec, artifact_path, repo_root, stages_for
 from spo.results import StageResult
 from spo.utils import atomic_write_json, hash_tree, json_digest
@@ -171,7 +172,9 @@ def _retry_if_transient(task_, task_run, state) -> bool:
 
 
 # -- tasks ---------------------------------------------------------------------------------------------
-def _launch_with_accelerate(stage_name: str, cfg: Config, accelerate_config: str) -> dict[str, Any]:
+def _launch_with_accelerate(
+    stage_name: str, cfg: Config, accelerate_config: str, resume: bool = False
+) -> dict[str, Any]:
     """Run a stage on several GPUs/nodes: ``accelerate launch -m spo.cli <stage>`` with this exact config,
     its MLflow run nested under the pipeline's run. The stage's own error is in the log above the failure."""
     with tempfile.TemporaryDirectory(prefix="spo-launch-") as tmp:
@@ -188,6 +191,7 @@ def _launch_with_accelerate(stage_name: str, cfg: Config, accelerate_config: str
             STAGE_BY_NAME[stage_name].cli,
             "--params",
             str(params),
+            *(["--resume", "latest"] if resume else []),
         ]
         env = {**os.environ, "SPO_PARENT_RUN_ID": tracking.pipeline_run_id() or ""}
         get_run_logger().info("%s: %s", stage_name, " ".join(cmd))
@@ -200,16 +204,21 @@ def _launch_with_accelerate(stage_name: str, cfg: Config, accelerate_config: str
     return {"launched": cmd[2:]}
 
 
-def _execute(stage_name: str, cfg: Config, accelerate_config: str | None = None) -> dict[str, Any]:
-    """Run one stage under its MLflow run; return its summary (a plain dict, for Prefect's result store)
-    and the hash of what it wrote."""
+def _execute(
+    stage_name: str, cfg: Config, accelerate_config: str | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run one stage under its MLflow run; return its summary (a plain dict) and the hash of what it wrote.
+
+    ``resume``: stages that take ``--resume`` continue from their latest checkpoint of the same config (a
+    fresh start when there is none): ``spo pipeline --resume`` after a kill."""
     stage = STAGE_BY_NAME[stage_name]
+    resumable = resume and any(o.dest == "resume" for o in stage.options)
     if accelerate_config:
-        result = _launch_with_accelerate(stage_name, cfg, accelerate_config)
+        result = _launch_with_accelerate(stage_name, cfg, accelerate_config, resumable)
     else:
         module = importlib.import_module(stage.module)
         with tracking.stage_tracker(cfg, stage_name):
-            result = module.run(cfg)
+            result = module.run(cfg, **({"resume": "latest"} if resumable else {}))
     if isinstance(result, StageResult):
         result = result.to_dict()
     elif isinstance(result, Mapping):
@@ -218,18 +227,58 @@ def _execute(stage_name: str, cfg: Config, accelerate_config: str | None = None)
 
 
 def _stage_task(stage: StageSpec):
+    # No Prefect result persistence: Prefect stores results as pickles (code execution from a tampered
+    # result store). The stage cache is spo's own JSON records (StageCache below).
     return task(
         _execute,
         name=stage.name,
         task_run_name=stage.name,
         tags=("spo", *stage.tags),
-        cache_key_fn=lambda ctx, params: cache_key(STAGE_BY_NAME[params["stage_name"]], params["cfg"]),
-        persist_result=True,
+        cache_policy=NO_CACHE,
+        persist_result=False,
         retries=stage.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=10),
         retry_jitter_factor=0.5,
         retry_condition_fn=_retry_if_transient,
     )
+
+
+@task(name="cached", task_run_name="{stage_name} (cached)", tags=("spo", "cached"), persist_result=False)
+def _cached_stage(stage_name: str, key: str, recorded: str) -> None:
+    """Makes a cache hit visible in the Prefect UI (a stage that did no work)."""
+    get_run_logger().info("%s: up to date (cache key %s, recorded %s); not run", stage_name, key, recorded)
+
+
+class StageCache:
+    """The stage cache: one strict-JSON record per cache key under ``<root>/.spo/cache/``, holding the
+    stage's result and the hash of its outputs. Data only: a tampered or corrupt record is a cache miss,
+    never code. A record counts only while the outputs it recorded are still on disk unchanged."""
+
+    def __init__(self, root: str | Path):
+        self.dir = Path(root) / ".spo" / "cache"
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            ok = isinstance(record, dict) and record.get("key") == key and isinstance(record.get("result"), dict)
+        except (OSError, ValueError) as exc:
+            ok, record = False, str(exc)
+        if not ok:
+            get_run_logger().warning("ignoring an unreadable stage-cache record %s (%s)", path, str(record)[:200])
+            return None
+        return record
+
+    def put(self, key: str, stage: str, out: dict[str, Any]) -> None:
+        atomic_write_json(
+            self.path(key),
+            {"key": key, "stage": stage, "recorded": time.strftime("%Y-%m-%d %H:%M:%S"), **out},
+        )
 
 
 STAGE_TASKS = {s.name: _stage_task(s) for s in STAGES if not s.registry}
@@ -241,49 +290,63 @@ registry_task = task(
     task_run_name="{stage_name}",
     tags=("spo", "registry"),
     cache_policy=NO_CACHE,
+    persist_result=False,
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=_retry_if_transient,
 )
 
 
-def run_stage(stage: StageSpec, cfg: Config, accelerate_config: str | None = None) -> dict[str, Any]:
-    """The stage's task, with a cache hit accepted only if the outputs it recorded are still on disk."""
+def run_stage(
+    stage: StageSpec, cfg: Config, accelerate_config: str | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """The stage's task, skipped when the cache holds a record for its key whose outputs are still on disk."""
     started = time.monotonic()
-    state = STAGE_TASKS[stage.name](stage.name, cfg, accelerate_config, return_state=True)
-    out = state.result()  # raises the stage's own exception on failure
-    cached = state.name == "Cached"
-    if cached and out.get("outputs_hash") != outputs_hash(stage, cfg):
-        get_run_logger().info(
-            "%s: cached result, but its outputs changed on disk; running it again", stage.name
-        )
-        out = STAGE_TASKS[stage.name].with_options(refresh_cache=True)(stage.name, cfg, accelerate_config)
-        cached = False
+    cache = StageCache(cfg.paths.root)
+    key = cache_key(stage, cfg)
+    record = cache.get(key)
+    if record is not None and record.get("outputs_hash") == outputs_hash(stage, cfg):
+        _cached_stage(stage.name, key, str(record.get("recorded")))
+        out, cached = {"result": record["result"], "outputs_hash": record["outputs_hash"]}, True
+    else:
+        if record is not None:
+            get_run_logger().info("%s: cached result, but its outputs changed on disk; running it again", stage.name)
+        out, cached = STAGE_TASKS[stage.name](stage.name, cfg, accelerate_config, resume), False
+        cache.put(key, stage.name, out)
     return {**out, "cached": cached, "seconds": round(time.monotonic() - started, 1)}
 
 
 # -- the flow ------------------------------------------------------------------------------------------
-@flow(name=FLOW_NAME, log_prints=True, validate_parameters=True)
+@flow(name=FLOW_NAME, log_prints=True, validate_parameters=True, persist_result=False)
 def spo_pipeline(
     preset: str | None = "tiny",
     overrides: list[str] | None = None,
     params_file: str | None = DEFAULT_PARAMS_FILE,
     accelerate_configs: dict[str, str] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the whole SPO pipeline; returns the summary (also published as Prefect artifacts).
 
     ``preset``/``overrides``/``params_file`` resolve the config as ``spo <stage> --preset P --set k=v
     --params F`` does (``preset=None``: the params file's). ``accelerate_configs`` maps GPU stages
     (train_spm, train_spo, evaluate) to an accelerate config file; those stages then run under
-    ``accelerate launch`` on all the worker's GPUs instead of in the flow's process.
+    ``accelerate launch`` on all the worker's GPUs instead of in the flow's process. ``resume``: training
+    stages continue from their latest checkpoint of the same config (after a kill).
+
+    The flow holds the project lock (spo/lock.py) throughout: a second pipeline or stage in the same
+    project directory is refused with the holder's name instead of mixing checkpoints and outputs.
     """
+    cfg = load_config(preset, overrides or [], params_file)
+    with project_lock(cfg.paths.root, f"spo pipeline ({cfg.preset})"):
+        return _pipeline(cfg, accelerate_configs or {}, resume)
+
+
+def _pipeline(cfg: Config, launch: dict[str, str], resume: bool) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     started = time.monotonic()
-    cfg = load_config(preset, overrides or [], params_file)
     logger = get_run_logger()
     stages = stages_for(cfg)
-    launch = accelerate_configs or {}
     gpu_stages = [s.name for s in STAGES if s.gpu]
     unknown = sorted(set(launch) - set(gpu_stages))
     if unknown:
@@ -302,7 +365,7 @@ def spo_pipeline(
         for stage in stages:
             if stage.registry:  # register, promote: below, never cached
                 continue
-            results[stage.name] = run_stage(stage, cfg, launch.get(stage.name))
+            results[stage.name] = run_stage(stage, cfg, launch.get(stage.name), resume)
             logger.info("%s: %s", stage.name, "cached" if results[stage.name]["cached"] else "done")
         registered = registry_task("register", cfg)["result"]
         decision = registry_task("promote", cfg)["result"]
@@ -494,9 +557,19 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline_cli(preset: str | None, overrides: list[str], params_file: str | None) -> str:
-    """``spo pipeline``: run the flow, return the printed summary. A stage's SPOError propagates as is."""
-    summary = spo_pipeline(preset=preset or None, overrides=list(overrides), params_file=params_file)
+def run_pipeline_cli(
+    preset: str | None, overrides: list[str], params_file: str | None, resume: bool = False
+) -> str:
+    """``spo pipeline``: run the flow, return the printed summary. A stage's SPOError propagates as is.
+
+    Without PREFECT_API_URL the flow runs against a temporary server that stops with this process, however
+    it ends (flows/server.py)."""
+    from flows.server import temporary_prefect_server
+
+    with temporary_prefect_server():
+        summary = spo_pipeline(
+            preset=preset or None, overrides=list(overrides), params_file=params_file, resume=resume
+        )
     return summary_text(summary)
 
 

@@ -12,12 +12,15 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 from spo.config import DEFAULT_PARAMS_FILE, PRESETS, ConfigError, load_config
 from spo.errors import SPOError
+from spo.lock import project_lock
 from spo.pipeline_spec import STAGE_BY_CLI, STAGES, StageSpec
 
 EPILOG = """\
@@ -71,7 +74,9 @@ def _run_stage(spec: StageSpec, args: argparse.Namespace) -> Any:
     from spo import tracking
 
     extra = {opt.dest: getattr(args, opt.dest) for opt in spec.options}
-    with tracking.stage_tracker(cfg, spec.name) as _:
+    # Under `accelerate launch` only rank 0 takes the project lock (the other ranks are part of its run).
+    lock = project_lock(cfg.paths.root, f"spo {spec.cli}") if os.environ.get("RANK", "0") == "0" else nullcontext()
+    with lock, tracking.stage_tracker(cfg, spec.name) as _:
         return stage.run(cfg, **extra)
 
 
@@ -94,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run the whole pipeline as a Prefect flow (the `make run` job)")
     _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="training stages continue from their latest checkpoint of the same config (after a kill)",
+    )
 
     p = sub.add_parser("generate", help="generate an image from a registered model or a LoRA")
     _add_config_args(p)
@@ -141,7 +151,7 @@ def _dispatch(args: argparse.Namespace) -> Any:
 def _cmd_pipeline(args: argparse.Namespace) -> Any:
     from flows.pipeline import run_pipeline_cli
 
-    return run_pipeline_cli(args.preset, args.overrides, args.params)
+    return run_pipeline_cli(args.preset, args.overrides, args.params, resume=args.resume)
 
 
 def _cmd_generate(args: argparse.Namespace) -> Any:
