@@ -88,10 +88,15 @@ def test_kill_sweep_during_register_leaves_nothing_half_done(project):
     assert running == []
 
 
-def test_two_concurrent_registers_make_one_version(project):
+def test_two_concurrent_registers_make_one_version(project, tmp_path):
+    """Two projects (two checkouts, the same LoRA bytes) registering into one store at the same moment.
+    (In one project directory the project lock refuses the second outright: tests/faults/test_pipeline_faults.py.)"""
+    other = tmp_path / "other_checkout"
+    shutil.copytree(project.paths.root, other)
+    cli_other = [a.replace(str(project.paths.root), str(other)) for a in project._cli]
     procs = [
-        subprocess.Popen(project._cli, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
+        subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in (project._cli, cli_other)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-1500:] for o in outs]
