@@ -395,7 +395,7 @@ def build_summary(
     spm = _read_json(artifact_path(cfg, "spm_metrics"))
     metrics = _read_json(artifact_path(cfg, "eval_metrics"))
     card = _read_json(artifact_path(cfg, "data_card"))
-    mlflow_info: dict[str, Any] = {"tracking_uri": tracking.tracking_uri(cfg), "ui": tracking.ui_command(cfg)}
+    mlflow_info: dict[str, Any] = {"tracking_uri": tracking.display_uri(cfg), "ui": tracking.ui_command(cfg)}
     if parent_run_id:
         exp = tracking.experiment_id_of(parent_run_id)
         mlflow_info.update(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from spo.errors import SPOError
-from spo.utils import get_logger
+from spo.utils import get_logger, redact, redact_tree
 
 log = get_logger(__name__)
 
@@ -102,13 +102,13 @@ class MlflowTracker(Tracker):
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 -- tracking must not end the run; see class docstring
-            log.warning("MLflow %s failed for run %s: %s", what, self.run_id, exc)
+            log.warning("MLflow %s failed for run %s: %s", what, self.run_id, redact(str(exc)))
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         # MLflow refuses to change a logged param (and then drops the whole batch): keep the first value.
-        new = {str(k): _param_value(v) for k, v in params.items()}
+        new = {str(k): _param_value(redact(v)) for k, v in params.items()}
         clashes = sorted(k for k, v in new.items() if self._params.get(k, v) != v)
         if clashes:
             log.info("params already logged with other values, kept the first: %s", ", ".join(clashes))
@@ -130,7 +130,7 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None]
+        items = [RunTag(str(k), redact(str(v))) for k, v in tags.items() if v is not None]
         self._safely("set_tags", self._client.log_batch, self.run_id, tags=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -201,7 +201,7 @@ def init_store(cfg: Any | None = None) -> str:
                 exp_id = exp.experiment_id
     except Exception as exc:
         raise TrackingError(
-            f"cannot open the MLflow tracking store {uri!r}: {exc}. Check MLFLOW_TRACKING_URI (or "
+            f"cannot open the MLflow tracking store {redact(uri)!r}: {redact(str(exc))}. Check MLFLOW_TRACKING_URI (or "
             "tracking.tracking_uri), that the server is up, or disable tracking with --set tracking.enabled=false."
         ) from exc
     mlflow.set_experiment(experiment_id=exp_id)
@@ -215,8 +215,13 @@ def init_store(cfg: Any | None = None) -> str:
 _REPAIRED: set[tuple[str, str]] = set()
 
 
+def display_uri(cfg: Any | None = None) -> str:
+    """The tracking URI as it may be printed, written or logged: credentials masked."""
+    return redact(tracking_uri(cfg))
+
+
 def ui_command(cfg: Any | None = None) -> str:
-    uri = tracking_uri(cfg)
+    uri = display_uri(cfg)
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
@@ -224,7 +229,7 @@ def ui_command(cfg: Any | None = None) -> str:
 
 def run_url(run_id: str, experiment_id: str, cfg: Any | None = None) -> str:
     """Link to a run: the server's own address, or the one `mlflow ui` serves by default."""
-    uri = tracking_uri(cfg)
+    uri = display_uri(cfg)
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
@@ -377,7 +382,7 @@ def stage_tracker(cfg: Any, stage: str) -> Iterator[Tracker]:
     init_store(cfg)  # before lineage_tags, which searches the store for the runs that made the inputs
     with _run(cfg, stage, lineage_tags(cfg, stage), parent, system_metrics=True) as tracker:
         tracker.log_params(cfg.flat())
-        tracker.log_dict(cfg.to_dict(), "config/resolved_config.json")
+        tracker.log_dict(redact_tree(cfg.to_dict()), "config/resolved_config.json")
         yield tracker
         output = _product_path(cfg, stage)
         if output is not None:
@@ -422,7 +427,7 @@ def pipeline_run(
     all_tags = {**lineage_tags(cfg, "pipeline", upstream=()), **(tags or {})}
     with _run(cfg, run_name or f"pipeline-{cfg.preset}", all_tags, None, system_metrics=False) as tracker:
         tracker.log_params(cfg.flat())
-        tracker.log_dict(cfg.to_dict(), "config/resolved_config.json")
+        tracker.log_dict(redact_tree(cfg.to_dict()), "config/resolved_config.json")
         _PIPELINE_RUN.append(tracker.run_id)
         try:
             yield tracker
@@ -790,7 +795,7 @@ def resolve_lora_uri(uri: Any, cfg: Any | None = None) -> Path:
             ", ".join(f"v{v.version} {v.aliases}" for v in list_versions(name)) if _model_exists(name) else ""
         )
         raise SPOError(
-            f"no model version {uri!r} in the registry at {tracking_uri(cfg)}"
+            f"no model version {uri!r} in the registry at {display_uri(cfg)}"
             + (f" (versions: {known})" if known else f" (no registered model {name!r})")
             + ". Run `spo register` (and `spo promote` for @champion), or check MLFLOW_TRACKING_URI."
         )

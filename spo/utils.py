@@ -124,6 +124,15 @@ def redact(text: Any) -> Any:
     return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
+def redact_tree(node: Any) -> Any:
+    """:func:`redact` applied to every string in nested dicts/lists (a config, before it is logged)."""
+    if isinstance(node, dict):
+        return {k: redact_tree(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [redact_tree(v) for v in node]
+    return redact(node)
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

@@ -149,7 +149,7 @@ def run(cfg) -> RegisterResult:
         alias=tracking.CHALLENGER,
         uri=f"models:/{name}@{tracking.CHALLENGER}",
         lora_md5=lora_md5,
-        tracking_uri=tracking.tracking_uri(cfg),
+        tracking_uri=tracking.display_uri(cfg),
     )
     summary.write(summary_path(cfg))
     return summary
