@@ -608,9 +608,15 @@ def load_params_file(path: str | Path | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     if not p.exists():
-        return {}
+        if str(path) == DEFAULT_PARAMS_FILE:  # no params.yaml here: the preset alone
+            return {}
+        raise ConfigError(f"params file {p} does not exist (pass an existing YAML file, or /dev/null for none)")
+    if p.is_dir():
+        raise ConfigError(f"params file {p} is a directory; pass a YAML file (e.g. params.yaml)")
     try:
-        data = _load_yaml(p.read_text()) or {}
+        data = _load_yaml(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"params file {p} is not a text file (not UTF-8: {exc.reason} at byte {exc.start})") from None
     except YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

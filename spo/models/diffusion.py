@@ -101,10 +101,15 @@ def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dt
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if ref.is_local and not ref.exists():
         raise ModelLoadError(_load_hint(ref))
-    try:
-        if model_cfg.vae:
-            vae_name, vae_kwargs = _model_ref(model_cfg.vae, root).pretrained_args()
+    if model_cfg.vae:  # loaded on its own, so that a failure names the VAE (model.vae), not the base model
+        vae_ref = _model_ref(model_cfg.vae, root)
+        vae_name, vae_kwargs = vae_ref.pretrained_args()
+        try:
             kwargs["vae"] = AutoencoderKL.from_pretrained(vae_name, dtype=dtype, **vae_kwargs)
+        except (OSError, ValueError) as exc:
+            hint = _load_hint(vae_ref).replace("model.pretrained", "model.vae")
+            raise ModelLoadError(f"the VAE (model.vae): {hint}\n  underlying error: {exc}") from exc
+    try:
         pipe = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{_load_hint(ref)}\n  underlying error: {exc}") from exc

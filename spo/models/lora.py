@@ -169,10 +169,16 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | No
 
     path = resolve_lora_file(path)
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as exc:  # safetensors raises its own (Rust) error types for every kind of bad file
+        raise ModelLoadError(
+            f"{path} is not a readable .safetensors LoRA file ({exc}). Pass the LoRA folder written by "
+            "`spo train` (models/spo/lora) or a diffusers-format .safetensors file."
+        ) from exc
     raw = meta.get("lora_adapter_metadata")
     metadata = None
     if raw:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pyarrow as pa
+
 from spo import tracking
 from spo.errors import DataValidationError, SPOError
 from spo.pipeline_spec import ARTIFACTS, artifact_in, artifact_path
@@ -91,9 +93,18 @@ def validate_and_read(cfg, source) -> tuple[dict[str, Any], Any]:
                 v.add_error(split, str(exc))
                 continue
             log.info("validating %s: %d rows in %d shard(s)", split, meta.num_rows, len(shards[split]))
-            v.check_values(split, meta)
-            if split in (d.train_split, d.val_split):  # the prompts split's images are never used
-                v.check_jpegs(split, source, meta)
+            broken = undecodable_columns(meta)
+            if broken:
+                v.add_error(split, f"column(s) {', '.join(broken)} hold bytes that are not valid UTF-8 text; "
+                            "re-export the source with UTF-8 captions (or drop those rows)")
+                continue
+            try:
+                v.check_values(split, meta)
+                if split in (d.train_split, d.val_split):  # the prompts split's images are never used
+                    v.check_jpegs(split, source, meta)
+            except pa.ArrowException as exc:  # a corrupt page or value the checks could not even read
+                v.add_error(split, f"unreadable data ({type(exc).__name__}: {str(exc)[:300]})")
+                continue
             metas[split] = meta
         report = v.finish(context=f"data.source={d.source}")
     for w in report.warnings:
@@ -102,6 +113,18 @@ def validate_and_read(cfg, source) -> tuple[dict[str, Any], Any]:
         raise DataValidationError(report.summary)
     log.info("%s (report: %s)", report.summary.splitlines()[0], report.report_dir / "index.html")
     return {"tables": metas, "shards": shards}, report
+
+
+def undecodable_columns(table) -> list[str]:
+    """String columns whose bytes are not valid UTF-8 (Arrow checks them only when asked to)."""
+    broken = []
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            try:
+                column.validate(full=True)
+            except pa.ArrowInvalid:
+                broken.append(name)
+    return broken
 
 
 def run(cfg) -> PrepareResult:
