@@ -281,6 +281,9 @@ class SPOConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     checkpoints_total_limit: int | None = Field(3, ge=1)
     max_consecutive_nonfinite: int = Field(5, ge=1)
+    # A LoRA weight larger than this in magnitude means the run exploded (trained LoRAs stay well below 1):
+    # the run fails instead of publishing it (spo evaluate refuses such a file too).
+    max_lora_weight: float = Field(1000.0, gt=0)
     seed: int = 42
     resolution: int | None = Field(None, ge=8)  # None = model.resolution
 

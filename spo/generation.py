@@ -222,19 +222,21 @@ def generate_pairs(
 
     Returns how many images each side generated (0 for those already cached)."""
     from spo.models.diffusion import load_pipeline
-    from spo.models.lora import load_lora_into_pipeline
+    from spo.models.lora import check_lora_weights, load_lora_into_pipeline
 
     generated = {"base": 0, "spo": 0}
     if not any(cache.missing(jobs) for cache in caches.values()):
         log.info("all %d image pairs already generated; reusing them", len(jobs))
         return generated
+    if caches["spo"].missing(jobs):  # before any base image is generated: a broken LoRA fails at once
+        check_lora_weights(lora_file, cfg.spo.max_lora_weight)
     proto = protocol(cfg)
     pipe = load_pipeline(
         cfg.model, device=device, dtype=torch_dtype(cfg.model.dtype, torch.device(device).type)
     )
     generated["base"] = generate_missing(pipe, caches["base"], jobs, proto, cfg.eval.batch_size)
     if caches["spo"].missing(jobs):
-        load_lora_into_pipeline(pipe, lora_file)
+        load_lora_into_pipeline(pipe, lora_file, max_lora_weight=cfg.spo.max_lora_weight)
         generated["spo"] = generate_missing(pipe, caches["spo"], jobs, proto, cfg.eval.batch_size)
     del pipe
     gc.collect()

@@ -42,7 +42,7 @@ from spo.losses import SPOLossOutput, spo_loss
 from spo.models.lora import LORA_WEIGHT_NAME, add_lora, load_lora_into, reference_unet, write_lora
 from spo.pipeline_spec import artifact_path
 from spo.sampling import CandidateSampler, PairBatch, SamplerStats, ddim_step_with_logprob
-from spo.training import CheckpointManager, NonFiniteGuard, RunIdentity, require_finite, seed_generator
+from spo.training import CheckpointManager, NonFiniteGuard, RunIdentity, require_sane, seed_generator
 from spo.training.checkpoints import Resumed
 from spo.utils import effective_mixed_precision, get_logger
 
@@ -499,7 +499,9 @@ class SPOTrainer:
             log_main("%d remaining pair(s) skipped (fewer than the %d processes)", s.pending, world)
             s.counters["pairs_skipped"] += s.pending
         s.pool = None
-        require_finite(self.params, "the trained LoRA", "Lower spo.lr and retrain.")
+        require_sane(
+            self.params, "the trained LoRA", self.cfg.spo.max_lora_weight, "Lower spo.lr and retrain."
+        )
         return self.summary()
 
     def summary(self) -> dict[str, Any]:

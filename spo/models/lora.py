@@ -271,8 +271,20 @@ def resolve_lora(ref: str | None, cfg) -> Path:
 
     return lora_file(parsed, LORA_WEIGHT_NAME)
 
-def load_lora_into_pipeline(pipe, lora_file: Path, adapter_name: str = "spo") -> None:
-    """Stock ``load_lora_weights``, refusing a file that put nothing into the UNet (wrong architecture)."""
+def check_lora_weights(lora_file: Path, max_abs: float = 1000.0) -> None:
+    """Refuse a LoRA file whose weights are NaN/inf or exploded (see spo.training.guard.require_sane)."""
+    from spo.training.guard import require_sane
+
+    tensors, _ = read_lora_file(lora_file)
+    require_sane(tensors.values(), f"the LoRA {lora_file}", max_abs, "Retrain it (lower spo.lr).")
+
+
+def load_lora_into_pipeline(
+    pipe, lora_file: Path, adapter_name: str = "spo", max_lora_weight: float = 1000.0
+) -> None:
+    """Stock ``load_lora_weights``, refusing a file that put nothing into the UNet (wrong architecture) or
+    whose weights are NaN/inf or exploded (an evaluation of a broken LoRA must not succeed)."""
+    check_lora_weights(lora_file, max_lora_weight)
     try:
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:

@@ -46,7 +46,7 @@ def run(
     lora_file = None
     if model is not None:
         lora_file = resolve_lora(model, cfg)
-        load_lora_into_pipeline(pipe, lora_file)
+        load_lora_into_pipeline(pipe, lora_file, max_lora_weight=cfg.spo.max_lora_weight)
     proto = protocol(cfg)
     if steps is not None:
         proto["num_steps"] = steps

@@ -12,7 +12,7 @@
 
 from spo.training.checkpoints import CheckpointManager, RunIdentity
 from spo.training.curves import CurveWriter
-from spo.training.guard import NonFiniteGuard, all_finite, require_finite
+from spo.training.guard import NonFiniteGuard, all_finite, require_finite, require_sane
 from spo.training.schedules import warmup_schedule
 from spo.training.seeds import seed_generator, seed_stream
 
@@ -23,6 +23,7 @@ __all__ = [
     "RunIdentity",
     "all_finite",
     "require_finite",
+    "require_sane",
     "seed_generator",
     "seed_stream",
     "warmup_schedule",

@@ -23,6 +23,19 @@ def require_finite(tensors: Iterable[torch.Tensor], what: str, hint: str) -> Non
         raise NonFiniteError(f"{what} holds NaN/inf values; nothing was written. {hint}")
 
 
+def require_sane(tensors: Iterable[torch.Tensor], what: str, max_abs: float, hint: str) -> None:
+    """Raise :class:`NonFiniteError` when any value is NaN/inf or larger than ``max_abs`` in magnitude: an
+    exploded run (e.g. a learning rate 10^4 too high) gives finite but absurd weights, and must fail like a
+    NaN does instead of being published."""
+    tensors = list(tensors)
+    require_finite(tensors, what, hint)
+    largest = max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+    if largest > max_abs:
+        raise NonFiniteError(
+            f"{what} exploded: a weight of magnitude {largest:.3g} (limit {max_abs:g}); nothing was written. {hint}"
+        )
+
+
 class NonFiniteGuard:
     """Counts non-finite steps. ``ok(finite, what)`` returns ``finite``; a ``False`` is logged and counted,
     and the ``limit``-th in a row raises :class:`NonFiniteError` with ``hint`` (what to change)."""
