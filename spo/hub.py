@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spo.errors import ModelLoadError
-from spo.refs import HUB_FILE, LOCAL, ModelRef
+from spo.refs import HUB_FILE, LOCAL, ModelRef, warn_if_unpinned
 
 LORA_SUFFIX = ".safetensors"
 
@@ -35,6 +35,7 @@ def download_file(ref: ModelRef | str, what: str, config_key: str | None = None)
     from huggingface_hub import hf_hub_download
 
     try:
+        warn_if_unpinned(ref)
         return Path(hf_hub_download(ref.repo_id, ref.filename, revision=ref.revision))
     except Exception as exc:  # offline, missing repo/file, auth: all mean "cannot get the weights"
         rev = f" --revision {ref.revision}" if ref.revision else ""
@@ -59,6 +60,7 @@ def download_repo(
     from huggingface_hub import snapshot_download
 
     try:
+        warn_if_unpinned(ref)
         return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=allow_patterns))
     except Exception as exc:
         rev = f" --revision {ref.revision}" if ref.revision else ""

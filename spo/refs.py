@@ -217,6 +217,7 @@ class ModelRef:
         if self.kind == LOCAL:
             return str(self.path), {}
         if self.kind == HUB:
+            warn_if_unpinned(self)
             return self.repo_id or "", ({"revision": self.revision} if self.revision else {})
         raise RefError(
             f"{self} names a {'hub file' if self.kind == HUB_FILE else 'registry model'}, not a model folder or hub repo"
@@ -238,6 +239,23 @@ class ModelRef:
         if self.filename:
             out += f":{self.filename}"
         return out
+
+
+_WARNED_UNPINNED: set[str] = set()
+
+
+def warn_if_unpinned(ref: ModelRef) -> None:
+    """Once per repo: a hub reference without a revision follows the repo's main branch, so a re-run may
+    silently load other weights. Pin it with ``org/name@<commit>`` (or model.revision / data.revision)."""
+    if not ref.is_hub or ref.revision or not ref.repo_id or ref.repo_id in _WARNED_UNPINNED:
+        return
+    _WARNED_UNPINNED.add(ref.repo_id)
+    from spo.utils import get_logger
+
+    get_logger(__name__).warning(
+        "unpinned hub reference %s: it follows the repo's main branch; pin it for reproducible runs with "
+        "%s@<commit sha>", ref.repo_id, ref.repo_id,
+    )
 
 
 def parse_ref(text: str | Path | ModelRef, root: str | Path = ".") -> ModelRef:

@@ -267,3 +267,20 @@ def test_hub_constructor_ignores_the_filesystem(project, monkeypatch):
     assert ModelRef.parse("org/shadowed").is_local
     with pytest.raises(RefError, match="not a hub repo id"):
         ModelRef.hub("a/b/c")
+
+
+def test_unpinned_hub_references_warn_once_and_pinned_ones_never(caplog):
+    import logging
+
+    from spo import refs
+
+    refs._WARNED_UNPINNED.discard("some-org/unpinned-model")
+    with caplog.at_level(logging.WARNING):
+        ModelRef.parse("some-org/unpinned-model").pretrained_args()
+        ModelRef.parse("some-org/unpinned-model").pretrained_args()
+        ModelRef.parse("some-org/pinned-model@0123abcd").pretrained_args()
+    lines = [r.getMessage() for r in caplog.records if "unpinned hub reference" in r.getMessage()]
+    assert lines == [
+        "unpinned hub reference some-org/unpinned-model: it follows the repo's main branch; pin it for "
+        "reproducible runs with some-org/unpinned-model@<commit sha>"
+    ]
