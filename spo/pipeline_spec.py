@@ -330,6 +330,7 @@ STAGES: tuple[StageSpec, ...] = (
             "spo/losses.py",
             "spo/data/pickapic.py",
             "spo/data/synthetic.py",  # the tiny world's toy_aesthetic scorer
+            "spo/training",  # the LoRA explosion gate
             "spo/utils.py",
         ),
         model_refs=("model.pretrained", "eval.pickscore_model", "eval.clip_model"),
