@@ -395,6 +395,7 @@ def build_summary(
     spm = _read_json(artifact_path(cfg, "spm_metrics"))
     metrics = _read_json(artifact_path(cfg, "eval_metrics"))
     card = _read_json(artifact_path(cfg, "data_card"))
+    spo_train = _read_json(artifact_path(cfg, "spo_summary"))
     mlflow_info: dict[str, Any] = {"tracking_uri": tracking.display_uri(cfg), "ui": tracking.ui_command(cfg)}
     if parent_run_id:
         exp = tracking.experiment_id_of(parent_run_id)
@@ -419,6 +420,7 @@ def build_summary(
             "initial_accuracy": spm.get("initial_accuracy", {}),
         },
         "eval": {k: v for k, v in metrics.items() if not k.startswith("_")},
+        "spo_training": {k: spo_train[k] for k in ("pairs_trained", "kept_fraction") if k in spo_train},
         "primary_metric": cfg.registry.primary_metric,
         "registry": {
             **registered,
@@ -449,9 +451,15 @@ def data_card_view(card: dict[str, Any]) -> dict[str, Any]:
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {"pipeline/seconds": summary["seconds"]}
+    for name, s in summary.get("stages", {}).items():
+        out[f"stage/{name}/seconds"] = s["seconds"]
     for name, m in summary["eval"].items():
         out[f"eval/{name}/diff_mean"] = m["diff_mean"]
+        # The interval says whether a difference between two runs' gains is more than noise.
+        out[f"eval/{name}/diff_ci95_low"], out[f"eval/{name}/diff_ci95_high"] = m["diff_ci95"]
         out[f"eval/{name}/win_rate"] = m["win_rate"]
+    for key, value in summary.get("spo_training", {}).items():
+        out[f"spo/{key}"] = value
     for t, acc in summary["spm_accuracy"]["accuracy"].items():
         out[f"spm/accuracy_t{t}"] = acc
     return out
@@ -553,6 +561,7 @@ def summary_text(summary: dict[str, Any]) -> str:
         f'  use it: spo generate --model models:/{reg["model"]}@champion "a red circle on a blue background" -o out.png',
         "",
         f"MLflow: {ml['ui']}" + (f"  then open {ml['url']}" if ml.get("url") else ""),
+        f"  serve it: {tracking.serve_command(reg['model'], cfg_uri=ml['tracking_uri'])}",
     ]
     return "\n".join(lines)
 
