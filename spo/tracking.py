@@ -161,7 +161,9 @@ class MlflowTracker(Tracker):
             log.warning("not logging missing image %s", path)
             return
         with Image.open(path) as img:
-            self._safely("log_image", self._client.log_image, self.run_id, img.convert("RGB"), key=key, step=0)
+            self._safely(
+                "log_image", self._client.log_image, self.run_id, img.convert("RGB"), key=key, step=0
+            )
 
 
 def _param_value(v: Any) -> str:

@@ -347,3 +347,19 @@ def test_mlflow_models_serve_answers_with_png(first, project, tmp_path):
     image = Image.open(io.BytesIO(base64.b64decode(png)))
     assert image.format == "PNG" and image.size == (32, 32)
     assert np.asarray(image).std() > 0
+
+
+def test_stage_logs_reach_the_prefect_flow_run(first, project):
+    """The stages' spo.* log lines are in the flow run's logs (the Prefect UI's Logs tab) via the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()
+    tracking.init_store(project["cfg"])
+    flow_run_id = MlflowClient().get_run(first["mlflow"]["run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    spo_lines = [log for log in logs if log.name.startswith("spo.")]
+    assert len(spo_lines) >= 5, sorted({log.name for log in logs})
+    assert any(log.name == "spo.stages.train_spo" for log in spo_lines)
