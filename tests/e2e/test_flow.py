@@ -296,8 +296,12 @@ def test_mlflow_models_serve_answers_with_png(first, project, tmp_path):
     reg = first["registry"]
     alias = "champion" if reg["champion"] else "challenger"  # the tiny gate may reject the LoRA
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(project["cfg"])}
     mlflow_cli = Path(sys.executable).with_name("mlflow")
+    env = {  # the server execs `uvicorn` from PATH: the environment's bin first, as in an activated venv
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri(project["cfg"]),
+        "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [
@@ -341,8 +345,9 @@ def test_mlflow_models_serve_answers_with_png(first, project, tmp_path):
     finally:
         import signal
 
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
     [png] = answer["predictions"]
     image = Image.open(io.BytesIO(base64.b64decode(png)))
     assert image.format == "PNG" and image.size == (32, 32)
