@@ -22,9 +22,11 @@ server (``prefect server start`` or Prefect Cloud). ``spo pipeline`` calls :func
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -266,11 +268,17 @@ class StageCache:
             return None
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-            ok = isinstance(record, dict) and record.get("key") == key and isinstance(record.get("result"), dict)
+            ok = (
+                isinstance(record, dict)
+                and record.get("key") == key
+                and isinstance(record.get("result"), dict)
+            )
         except (OSError, ValueError) as exc:
             ok, record = False, str(exc)
         if not ok:
-            get_run_logger().warning("ignoring an unreadable stage-cache record %s (%s)", path, str(record)[:200])
+            get_run_logger().warning(
+                "ignoring an unreadable stage-cache record %s (%s)", path, str(record)[:200]
+            )
             return None
         return record
 
@@ -310,7 +318,9 @@ def run_stage(
         out, cached = {"result": record["result"], "outputs_hash": record["outputs_hash"]}, True
     else:
         if record is not None:
-            get_run_logger().info("%s: cached result, but its outputs changed on disk; running it again", stage.name)
+            get_run_logger().info(
+                "%s: cached result, but its outputs changed on disk; running it again", stage.name
+            )
         out, cached = STAGE_TASKS[stage.name](stage.name, cfg, accelerate_config, resume), False
         cache.put(key, stage.name, out)
     return {**out, "cached": cached, "seconds": round(time.monotonic() - started, 1)}
@@ -337,8 +347,32 @@ def spo_pipeline(
     project directory is refused with the holder's name instead of mixing checkpoints and outputs.
     """
     cfg = load_config(preset, overrides or [], params_file)
-    with project_lock(cfg.paths.root, f"spo pipeline ({cfg.preset})"):
+    with project_lock(cfg.paths.root, f"spo pipeline ({cfg.preset})"), stage_logs_to_prefect():
         return _pipeline(cfg, accelerate_configs or {}, resume)
+
+
+@contextlib.contextmanager
+def stage_logs_to_prefect():
+    """Route the stages' ``spo.*`` loggers through Prefect's own handlers (console + API: the worker's
+    console and the flow run's Logs tab), as ``PREFECT_LOGGING_EXTRA_LOGGERS=spo`` would -- that setting is
+    read when Prefect configures logging, which a worker has done before it loads this flow. Not propagated
+    meanwhile, so a line is printed once, in Prefect's format."""
+    spo_logger = logging.getLogger("spo")
+    added = [h for h in logging.getLogger("prefect.extra").handlers if h not in spo_logger.handlers]
+    saved = (spo_logger.propagate, spo_logger.level)
+    for handler in added:
+        spo_logger.addHandler(handler)
+    if added:
+        spo_logger.propagate = False
+        if spo_logger.getEffectiveLevel() > logging.INFO:
+            spo_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in added:
+            spo_logger.removeHandler(handler)
+        spo_logger.propagate = saved[0]
+        spo_logger.setLevel(saved[1])
 
 
 def _pipeline(cfg: Config, launch: dict[str, str], resume: bool) -> dict[str, Any]:
@@ -395,6 +429,7 @@ def build_summary(
     spm = _read_json(artifact_path(cfg, "spm_metrics"))
     metrics = _read_json(artifact_path(cfg, "eval_metrics"))
     card = _read_json(artifact_path(cfg, "data_card"))
+    spo_train = _read_json(artifact_path(cfg, "spo_summary"))
     mlflow_info: dict[str, Any] = {"tracking_uri": tracking.display_uri(cfg), "ui": tracking.ui_command(cfg)}
     if parent_run_id:
         exp = tracking.experiment_id_of(parent_run_id)
@@ -419,6 +454,7 @@ def build_summary(
             "initial_accuracy": spm.get("initial_accuracy", {}),
         },
         "eval": {k: v for k, v in metrics.items() if not k.startswith("_")},
+        "spo_training": {k: spo_train[k] for k in ("pairs_trained", "kept_fraction") if k in spo_train},
         "primary_metric": cfg.registry.primary_metric,
         "registry": {
             **registered,
@@ -449,9 +485,15 @@ def data_card_view(card: dict[str, Any]) -> dict[str, Any]:
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {"pipeline/seconds": summary["seconds"]}
+    for name, s in summary.get("stages", {}).items():
+        out[f"stage/{name}/seconds"] = s["seconds"]
     for name, m in summary["eval"].items():
         out[f"eval/{name}/diff_mean"] = m["diff_mean"]
+        # The interval says whether a difference between two runs' gains is more than noise.
+        out[f"eval/{name}/diff_ci95_low"], out[f"eval/{name}/diff_ci95_high"] = m["diff_ci95"]
         out[f"eval/{name}/win_rate"] = m["win_rate"]
+    for key, value in summary.get("spo_training", {}).items():
+        out[f"spo/{key}"] = value
     for t, acc in summary["spm_accuracy"]["accuracy"].items():
         out[f"spm/accuracy_t{t}"] = acc
     return out
@@ -553,8 +595,30 @@ def summary_text(summary: dict[str, Any]) -> str:
         f'  use it: spo generate --model models:/{reg["model"]}@champion "a red circle on a blue background" -o out.png',
         "",
         f"MLflow: {ml['ui']}" + (f"  then open {ml['url']}" if ml.get("url") else ""),
+        f"  serve it: {tracking.serve_command(reg['model'], cfg_uri=ml['tracking_uri'])}",
     ]
     return "\n".join(lines)
+
+
+def check_prefect_api(timeout: float = 5.0) -> None:
+    """With ``PREFECT_API_URL`` set, fail in one line when that server does not answer (instead of an
+    httpx traceback from deep inside the flow engine)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from spo.utils import redact
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if not url:
+        return
+    try:
+        httpx.get(f"{str(url).rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SPOError(
+            f"the Prefect API at {redact(str(url))} does not answer ({type(exc).__name__}: {redact(str(exc))}). "
+            "Start it (`prefect server start`), fix PREFECT_API_URL, or unset it to run against a temporary "
+            "local server."
+        ) from None
 
 
 def run_pipeline_cli(
@@ -566,6 +630,7 @@ def run_pipeline_cli(
     it ends (flows/server.py)."""
     from flows.server import temporary_prefect_server
 
+    check_prefect_api()
     with temporary_prefect_server():
         summary = spo_pipeline(
             preset=preset or None, overrides=list(overrides), params_file=params_file, resume=resume

@@ -82,7 +82,9 @@ def _render_stage(stage: StageSpec) -> list[str]:
         lines += ["    deps:", *[f"      - {_scalar(d)}" for d in deps]]
     by_kind: dict[str, list[Artifact]] = {"out": [], "metrics": [], "plots": []}
     for artifact in stage.outputs():
-        by_kind[artifact.kind].append(artifact)
+        # Plot data files are plain outs: as stage plots, `dvc plots show` would draw each one once more with
+        # default axes (x = row index) beside the top-level plots (PLOTS) that give them meaningful axes.
+        by_kind["out" if artifact.kind == "plots" else artifact.kind].append(artifact)
     for kind, key in (("out", "outs"), ("metrics", "metrics"), ("plots", "plots")):
         if by_kind[kind]:
             lines.append(f"    {key}:")

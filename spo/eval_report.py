@@ -20,6 +20,7 @@ from spo.utils import atomic_dir, atomic_write_json
 # The files of reports/eval/, by artifact name.
 REPORT_ARTIFACTS = (
     "eval_metrics",
+    "eval_headline",
     "eval_per_image",
     "eval_table",
     "eval_grid",
@@ -203,6 +204,9 @@ def write_reports(cfg, table, metrics: dict[str, Any]) -> dict[str, Path]:
             if not n.startswith("_")
         ]
         pd.DataFrame(rows).to_csv(out("eval_diffs"), index=False)
+        # What `dvc metrics show` / `dvc exp show` print: a few columns per scorer, not the whole report.
+        headline = {r.pop("scorer"): {k: round(float(v), 4) for k, v in r.items()} for r in rows}
+        atomic_write_json(out("eval_headline"), headline)
         image_grid(table, cfg.eval.grid_prompts, cfg.eval.grid_seeds, cfg.eval_resolution).save(
             out("eval_grid")
         )

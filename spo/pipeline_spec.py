@@ -97,7 +97,9 @@ _ARTIFACT_LIST: tuple[Artifact, ...] = (
     Artifact("spo_checkpoints", "checkpoints/spo"),
     # -- evaluate --------------------------------------------------------------------------------------
     Artifact("eval_reports", "reports/eval", lineage="eval", description="evaluation reports"),
-    Artifact("eval_metrics", "metrics.json", parent="eval_reports", kind="metrics", cache=False),
+    # The full report is a plain out; `dvc metrics show` reads the few headline numbers (eval_headline).
+    Artifact("eval_metrics", "metrics.json", parent="eval_reports", cache=False),
+    Artifact("eval_headline", "headline.json", parent="eval_reports", kind="metrics", cache=False),
     Artifact("eval_per_image", "per_image.parquet", parent="eval_reports"),
     Artifact("eval_table", "table.md", parent="eval_reports", cache=False),
     Artifact("eval_grid", "grid.png", parent="eval_reports"),
@@ -315,7 +317,7 @@ STAGES: tuple[StageSpec, ...] = (
         sections=("model", "eval"),
         reads=("prepared", "base_model", "spm_model", "lora"),
         writes=("eval_per_image", "eval_grid", "eval_diffs_plot"),
-        reports=("eval_table", "eval_metrics", "eval_diffs"),
+        reports=("eval_table", "eval_metrics", "eval_diffs", "eval_headline"),
         code=(
             "spo/stages/evaluate.py",
             "spo/generation.py",

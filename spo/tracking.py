@@ -36,6 +36,8 @@ log = get_logger(__name__)
 DEFAULT_DB = Path("mlflow") / "mlflow.db"
 DEFAULT_ARTIFACTS = Path("mlflow") / "artifacts"
 MODEL_ARTIFACT = "spo_lora"  # name of the pyfunc model inside a registration run
+# The experiment-type tag of MLflow 3's UI (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 CHALLENGER, CHAMPION, PREVIOUS_CHAMPION = "challenger", "champion", "previous-champion"
 
 
@@ -65,6 +67,9 @@ class Tracker:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_image(self, path: str | Path, key: str) -> None:
         pass
 
 
@@ -148,6 +153,18 @@ class MlflowTracker(Tracker):
     def log_text(self, text: str, artifact_file: str) -> None:
         self._safely("log_text", self._client.log_text, self.run_id, text, artifact_file)
 
+    def log_image(self, path: str | Path, key: str) -> None:
+        """An image under ``key`` (the run page's image view), not only a file among the artifacts."""
+        from PIL import Image
+
+        if not Path(path).exists():
+            log.warning("not logging missing image %s", path)
+            return
+        with Image.open(path) as img:
+            self._safely(
+                "log_image", self._client.log_image, self.run_id, img.convert("RGB"), key=key, step=0
+            )
+
 
 def _param_value(v: Any) -> str:
     s = "" if v is None else str(v)
@@ -199,6 +216,9 @@ def init_store(cfg: Any | None = None) -> str:
                 exp_id = client.create_experiment(name, artifact_location=_artifact_location(uri))
             else:
                 exp_id = exp.experiment_id
+            if (exp.tags if exp is not None else {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                # Untagged, the MLflow 3 UI opens the experiment on its GenAI overview instead of the runs.
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     except Exception as exc:
         raise TrackingError(
             f"cannot open the MLflow tracking store {redact(uri)!r}: {redact(str(exc))}. Check MLFLOW_TRACKING_URI (or "
@@ -225,6 +245,47 @@ def ui_command(cfg: Any | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def serve_command(model: str, cfg: Any | None = None, port: int = 5001, cfg_uri: str | None = None) -> str:
+    """How to serve a registered model with MLflow's own CLI against this project's store (``cfg_uri``: an
+    already redacted URI)."""
+    uri = redact(cfg_uri) if cfg_uri else display_uri(cfg)
+    return (
+        f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{model}@{CHAMPION} "
+        f"--env-manager local -p {port}"
+    )
+
+
+def config_digest(cfg: Any, n: int = 6) -> str:
+    """A short hash of the resolved config less where things live (paths, tracking): two runs of one
+    experiment share it wherever they ran."""
+    from spo.utils import json_digest
+
+    data = {k: v for k, v in cfg.to_dict().items() if k not in ("paths", "tracking")}
+    return json_digest(data, n)
+
+
+_NAME_SKIP = ("paths.", "tracking.")
+
+
+def key_overrides(cfg: Any, limit: int = 3) -> list[str]:
+    """``key=value`` for the config values that differ from the preset's defaults (paths/tracking aside)."""
+    from spo.config import load_config
+
+    try:
+        default = load_config(cfg.preset, [], None).flat()
+    except Exception:  # noqa: BLE001 -- a run name must never fail a run
+        return []
+    changed = [
+        f"{k}={v}" for k, v in cfg.flat().items() if not k.startswith(_NAME_SKIP) and default.get(k) != v
+    ]
+    return changed[:limit] + ([f"+{len(changed) - limit} more"] if len(changed) > limit else [])
+
+
+def run_label(cfg: Any) -> str:
+    """``tiny-3f2a9c spo.lr=0.0001``: preset, config hash, the first few changed keys."""
+    return " ".join([f"{cfg.preset}-{config_digest(cfg)}", *key_overrides(cfg)])
 
 
 def run_url(run_id: str, experiment_id: str, cfg: Any | None = None) -> str:
@@ -380,7 +441,8 @@ def stage_tracker(cfg: Any, stage: str) -> Iterator[Tracker]:
         return
     parent = _PIPELINE_RUN[-1] if _PIPELINE_RUN else os.environ.get("SPO_PARENT_RUN_ID") or None
     init_store(cfg)  # before lineage_tags, which searches the store for the runs that made the inputs
-    with _run(cfg, stage, lineage_tags(cfg, stage), parent, system_metrics=True) as tracker:
+    tags = {**lineage_tags(cfg, stage), "mlflow.note.content": _stage_description(cfg, stage)}
+    with _run(cfg, f"{stage} {run_label(cfg)}", tags, parent, system_metrics=True) as tracker:
         tracker.log_params(cfg.flat())
         tracker.log_dict(redact_tree(cfg.to_dict()), "config/resolved_config.json")
         yield tracker
@@ -389,6 +451,15 @@ def stage_tracker(cfg: Any, stage: str) -> Iterator[Tracker]:
             tracker.set_tags({"spo.output_md5": dvc_md5(output)})
         for path, dest in stage_reports(cfg, stage):
             tracker.log_artifact(path, dest)
+
+
+def _stage_description(cfg: Any, stage: str) -> str:
+    from spo.pipeline_spec import STAGE_BY_NAME
+
+    spec = STAGE_BY_NAME.get(stage)
+    what = spec.help if spec is not None else stage
+    changed = ", ".join(key_overrides(cfg, limit=20)) or "none"
+    return f"`spo {spec.cli if spec else stage}`: {what}.\n\nPreset `{cfg.preset}`, config `{config_digest(cfg)}`; changed keys: {changed}."
 
 
 def stage_reports(cfg: Any, stage: str) -> list[tuple[Path, str | None]]:
@@ -424,8 +495,14 @@ def pipeline_run(
         return
     init_store(cfg)
     # Products are hashed at the end, when this run has made them; at the start only code and base are known.
-    all_tags = {**lineage_tags(cfg, "pipeline", upstream=()), **(tags or {})}
-    with _run(cfg, run_name or f"pipeline-{cfg.preset}", all_tags, None, system_metrics=False) as tracker:
+    changed = ", ".join(key_overrides(cfg, limit=50)) or "none (the preset's defaults)"
+    note = (
+        f"SPO pipeline, preset `{cfg.preset}`, config `{config_digest(cfg)}`.\n\nChanged keys: {changed}.\n\n"
+        "Compare parent runs on `eval/<scorer>/diff_mean` with `diff_ci95_low`/`diff_ci95_high` (an interval "
+        "that excludes 0 is a significant difference), `spo/pairs_trained`, `spo/kept_fraction`, `stage/*/seconds`."
+    )
+    all_tags = {**lineage_tags(cfg, "pipeline", upstream=()), "mlflow.note.content": note, **(tags or {})}
+    with _run(cfg, run_name or f"pipeline {run_label(cfg)}", all_tags, None, system_metrics=False) as tracker:
         tracker.log_params(cfg.flat())
         tracker.log_dict(redact_tree(cfg.to_dict()), "config/resolved_config.json")
         _PIPELINE_RUN.append(tracker.run_id)

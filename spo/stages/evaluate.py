@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from spo import tracking
 from spo.errors import SPOError
 from spo.eval_report import write_reports
 from spo.evaluation import log_to_tracker, pair_table, preflight_scorers, score_pairs, summarise
@@ -116,6 +117,8 @@ def run(cfg, lora: str | None = None) -> EvaluateResult:
     }
     paths = write_reports(cfg, table, metrics)
     log_to_tracker(metrics)
+    # Also as an MLflow image (the run page's image view); the file itself is attached with the reports.
+    tracking.active().log_image(paths["eval_grid"], "eval_grid")
 
     primary = cfg.registry.primary_metric
     log.info("evaluation written to %s", artifact_path(cfg, "eval_reports"))

@@ -45,9 +45,12 @@ def test_metrics_and_plots_show(dvc_clone, tmp_path):
     data = next(iter(metrics.values()))["data"]
     spm = data["reports/spm_metrics.json"]["data"]
     assert set(spm["accuracy"]) == {"501"} and 0 <= spm["accuracy"]["501"] <= 1
-    evaluation = data["reports/eval/metrics.json"]["data"]
+    assert "reports/eval/metrics.json" not in data  # the full report stays out of the table
+    evaluation = data["reports/eval/headline.json"]["data"]
+    full = json.loads((clone / "reports/eval/metrics.json").read_text())
     assert {"toy_aesthetic", "clip"} <= set(evaluation)
-    assert {"base_mean", "spo_mean", "diff_mean", "win_rate"} <= set(evaluation["toy_aesthetic"])
+    assert set(evaluation["toy_aesthetic"]) == {"diff_mean", "ci_low", "ci_high", "win_rate"}
+    assert evaluation["toy_aesthetic"]["diff_mean"] == round(full["toy_aesthetic"]["diff_mean"], 4)
 
     out = tmp_path / "plots"
     sh(["dvc", "plots", "show", "-o", str(out)], clone, env)

@@ -117,7 +117,7 @@ def test_mlflow_parent_run_nests_stage_runs_with_lineage(first, project):
     parent = client.get_run(first["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["spo.lr"] == str(cfg.spo.lr)  # params = the resolved config
-    children = {r.info.run_name: r for r in tracking.child_runs(parent.info.run_id)}
+    children = {r.data.tags["spo.stage"]: r for r in tracking.child_runs(parent.info.run_id)}
     assert set(children) == {
         "synth",
         "base",
@@ -232,3 +232,139 @@ def test_failing_stage_fails_flow_without_retry_and_leaves_registry(second, proj
         filter_string="tags.`spo.stage` = 'pipeline' and attributes.status = 'FAILED'"
     )
     assert len(failed) == 1
+
+
+def test_mlflow_views_compare_parent_runs(first, project):
+    """What a comparison of parent runs needs is on the parent run; the evaluation's report files and grid
+    image on the evaluate run; names and descriptions tell runs apart; the UI opens the experiment on runs."""
+    cfg = project["cfg"]
+    tracking.init_store(cfg)
+    client = MlflowClient()
+    parent = client.get_run(first["mlflow"]["run_id"])
+    m = parent.data.metrics
+    ev = json.loads((cfg.paths.eval_reports / "metrics.json").read_text())
+    for scorer in cfg.eval.scorers:
+        low, high = ev[scorer]["diff_ci95"]
+        assert m[f"eval/{scorer}/diff_ci95_low"] == pytest.approx(low)
+        assert m[f"eval/{scorer}/diff_ci95_high"] == pytest.approx(high)
+        assert low <= m[f"eval/{scorer}/diff_mean"] <= high
+    spo_report = json.loads((cfg.paths.reports / "spo_train.json").read_text())
+    assert m["spo/pairs_trained"] == spo_report["pairs_trained"] > 0
+    assert m["spo/kept_fraction"] == pytest.approx(spo_report["kept_fraction"])
+    for stage in ("synth", "base", "prepare", "train_spm", "train_spo", "evaluate"):
+        assert m[f"stage/{stage}/seconds"] == first["stages"][stage]["seconds"]
+
+    digest = tracking.config_digest(cfg)
+    assert parent.info.run_name.startswith(f"pipeline tiny-{digest}")
+    assert len(parent.info.run_name.split()) >= 3  # PIPELINE_SMALL's changed keys follow the hash
+    assert digest in parent.data.tags["mlflow.note.content"]
+    children = {r.data.tags["spo.stage"]: r for r in tracking.child_runs(parent.info.run_id)}
+    assert children["train_spo"].info.run_name.startswith(f"train_spo tiny-{digest}")
+    assert "SPO LoRA" in children["train_spo"].data.tags["mlflow.note.content"]
+
+    evaluate = children["evaluate"].info.run_id
+    files = {a.path for a in client.list_artifacts(evaluate, "eval")}
+    assert {"eval/grid.png", "eval/diffs.png", "eval/table.md"} <= files
+    images = {a.path for a in client.list_artifacts(evaluate, "images")}
+    assert any(p.startswith("images/eval_grid") and p.endswith(".png") for p in images), images
+
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"--backend-store-uri {tracking.display_uri(cfg)}" in first["mlflow"]["ui"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_with_png(first, project, tmp_path):
+    """MLflow's own `mlflow models serve` on the registered model, as the README documents it."""
+    import base64
+    import io
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from PIL import Image
+
+    reg = first["registry"]
+    alias = "champion" if reg["champion"] else "challenger"  # the tiny gate may reject the LoRA
+    port = _free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    env = {  # the server execs `uvicorn` from PATH: the environment's bin first, as in an activated venv
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri(project["cfg"]),
+        "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(mlflow_cli),
+            "models",
+            "serve",
+            "-m",
+            f"models:/spo-tiny@{alias}",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not up in 180 s"
+            time.sleep(1)
+        body = {"inputs": ["a red circle"], "params": {"num_inference_steps": 2, "output": "png_base64"}}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        import signal
+
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    [png] = answer["predictions"]
+    image = Image.open(io.BytesIO(base64.b64decode(png)))
+    assert image.format == "PNG" and image.size == (32, 32)
+    assert np.asarray(image).std() > 0
+
+
+def test_stage_logs_reach_the_prefect_flow_run(first, project):
+    """The stages' spo.* log lines are in the flow run's logs (the Prefect UI's Logs tab) via the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the batched log worker sends what it holds
+    tracking.init_store(project["cfg"])
+    flow_run_id = MlflowClient().get_run(first["mlflow"]["run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    spo_lines = [log for log in logs if log.name.startswith("spo.")]
+    assert len(spo_lines) >= 5, sorted({log.name for log in logs})
+    assert any(log.name == "spo.stages.train_spo" for log in spo_lines)

@@ -60,7 +60,7 @@ def test_generated_dvc_yaml_follows_the_spec():
                 path, opts = next(iter(item.items())) if isinstance(item, dict) else (item, {})
                 declared[path] = (kind, opts.get("cache", True))
         for artifact in stage.outputs():
-            kind = {"out": "outs"}.get(artifact.kind, artifact.kind)
+            kind = {"out": "outs", "plots": "outs"}.get(artifact.kind, artifact.kind)  # plot data: plain outs
             assert declared[artifact.relpath().as_posix()] == (kind, artifact.cache), (
                 stage.name,
                 artifact.name,
