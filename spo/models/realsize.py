@@ -220,6 +220,33 @@ def default_configs(arch: str) -> dict[str, dict[str, Any]]:
     return copy.deepcopy(out)
 
 
+def small_configs(arch: str) -> dict[str, dict[str, Any]]:
+    """The same block structure at toy widths (tests, ``bench/realsize.py --small``, GPU-check dry runs):
+    every code path of the real architecture (SDXL's two encoders, text_time embedding, fp16-fix VAE config,
+    224 px ViT with patch 14) at a few hundred kB."""
+    cfgs = default_configs(arch)
+    if arch == "pickscore":
+        for key in ("text", "vision"):
+            cfgs[key].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             projection_dim=16)
+        cfgs["projection_dim"]["dim"] = 16
+        return cfgs
+    cfgs["vae"].update(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
+    for key in ("text_encoder", "text_encoder_2"):
+        if key in cfgs:
+            cfgs[key].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             projection_dim=16)
+    if arch == "sd15":
+        cfgs["unet"].update(block_out_channels=(8, 8, 16, 16), attention_head_dim=4, cross_attention_dim=16,
+                            norm_num_groups=4, layers_per_block=1)
+    else:
+        cfgs["unet"].update(block_out_channels=(8, 16, 16), attention_head_dim=(2, 4, 4),
+                            transformer_layers_per_block=(1, 1, 2), cross_attention_dim=32,
+                            addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+                            norm_num_groups=4, layers_per_block=1)
+    return cfgs
+
+
 # -- tokenizer -------------------------------------------------------------------------------------------
 def bpe_vocab_path() -> Path:
     """open_clip's ``bpe_simple_vocab_16e6.txt.gz`` ($SPO_BPE_VOCAB, else found without importing open_clip)."""
@@ -505,11 +532,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count-only", action="store_true", help="print parameter counts (meta device)")
+    parser.add_argument("--small", action="store_true", help="toy widths, same structure (tests, dry runs)")
     args = parser.parse_args(argv)
     if args.count_only:
-        print(json.dumps(meta_parameter_counts(args.arch), indent=2))
+        print(json.dumps(meta_parameter_counts(args.arch, small_configs(args.arch) if args.small else None), indent=2))
         return
-    path = save(args.arch, args.out, DTYPES[args.dtype] if args.dtype else None, seed=args.seed)
+    configs = small_configs(args.arch) if args.small else None
+    path = save(args.arch, args.out, DTYPES[args.dtype] if args.dtype else None, configs=configs, seed=args.seed)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(json.dumps({"arch": args.arch, "out": str(path), "dtype": args.dtype, "bytes": size}))
 

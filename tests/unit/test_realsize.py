@@ -145,28 +145,7 @@ def test_tokenizer_files_round_trip(tmp_path):
 
 # -- builders at shrunken widths: saved folders load through the project's loader --------------------------
 def _small(arch: str) -> dict:
-    cfgs = rs.default_configs(arch)
-    if arch == "pickscore":
-        cfgs["text"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            projection_dim=16)
-        cfgs["vision"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              projection_dim=16)
-        cfgs["projection_dim"]["dim"] = 16
-        return cfgs
-    cfgs["vae"].update(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
-    text_keys = ["text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
-    for key in text_keys:
-        cfgs[key].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         projection_dim=16)
-    u = cfgs["unet"]
-    if arch == "sd15":
-        u.update(block_out_channels=(8, 8, 16, 16), attention_head_dim=4, cross_attention_dim=16,
-                 norm_num_groups=4, layers_per_block=1)
-    else:
-        u.update(block_out_channels=(8, 16, 16), attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2),
-                 cross_attention_dim=32, addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 48,
-                 norm_num_groups=4, layers_per_block=1)
-    return cfgs
+    return rs.small_configs(arch)
 
 
 @needs_vocab
