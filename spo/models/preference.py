@@ -346,7 +346,10 @@ def _load_clip(ref: str):
 
     name, kwargs = _pretrained(ref, "CLIP model")
     try:
-        return CLIPModel.from_pretrained(name, **kwargs)
+        # fp32 master weights whatever the stored dtype: transformers 5 loads in the checkpoint's dtype by
+        # default, and an fp16-stored CLIP would meet the fp32 adaLN layers ("mat1 and mat2 must have the
+        # same dtype"). Callers cast the whole SPM (``.to(dtype)``) afterwards.
+        return CLIPModel.from_pretrained(name, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{_load_hint(ref, 'CLIP model')}\n  underlying error: {exc}") from exc
 
