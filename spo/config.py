@@ -342,6 +342,8 @@ class EvalConfig(Section):
     hps_model: str = "ViT-H-14"  # open_clip architecture the HPS weights belong to
     hps_weights: str = "xswu/HPSv2:HPS_v2.1_compressed.pt"
     imagereward_model: str = "THUDM/ImageReward"  # hub id (ImageReward.pt + med_config.json) or a local .pt
+    # BERT uncased tokenizer ImageReward was trained with (hub id or a local folder with vocab.txt).
+    imagereward_tokenizer: str = "google-bert/bert-base-uncased"
     grid_prompts: int = Field(8, ge=1)
     grid_seeds: int = Field(2, ge=1)  # images per prompt shown (base | SPO pairs) in reports/eval/grid.png
 
@@ -394,6 +396,7 @@ REF_KEYS: tuple[str, ...] = (
     "eval.aesthetic_weights",
     "eval.hps_weights",
     "eval.imagereward_model",
+    "eval.imagereward_tokenizer",
 )
 # Reference key -> the key of its separately configured revision.
 REVISION_KEYS: dict[str, str] = {"model.pretrained": "model.revision", "data.source": "data.revision"}

@@ -30,9 +30,14 @@ class MissingExtraError(SPOError):
 
     exit_code = 6
 
-    def __init__(self, what: str, extra: str, module: str):
-        super().__init__(
-            f"{what} needs the optional package {module!r}, which is not installed. "
-            f"Install it with: pip install 'spo[{extra}]'  (or: .venv/bin/pip install -e '.[{extra}]')"
-        )
+    def __init__(self, what: str, extra: str, module: str, problem: str = "which is not installed"):
+        if extra == "metrics":
+            # A plain `pip install spo[metrics]` would pull PyPI's (CUDA) torchvision beside a CPU torch.
+            how = (
+                "make install EXTRAS=dev,metrics  (or: bash scripts/install_metrics.sh .venv/bin/pip, which "
+                "installs the torchvision build matching your torch)"
+            )
+        else:
+            how = f"pip install 'spo[{extra}]'  (or: .venv/bin/pip install -e '.[{extra}]')"
+        super().__init__(f"{what} needs the optional package {module!r}, {problem}. Install it with: {how}")
         self.extra = extra

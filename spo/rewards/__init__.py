@@ -19,8 +19,9 @@ pickscore       PickScore = logit_scale.exp() * cos(image, text)            pick
 aesthetic       LAION aesthetic MLP on L2-normalised CLIP image embeddings  aesthetic_clip_model,
                                                                             aesthetic_weights
 hpsv21          HPSv2.1 = 100 * cos(image, text), open_clip ViT-H-14        hps_model, hps_weights
-                (extra ``spo[hps]``)
-imagereward     ImageReward (BLIP) (extra ``spo[imagereward]``)             imagereward_model
+                (extra ``spo[metrics]``)
+imagereward     ImageReward: BLIP text-image encoder + MLP, on transformers      imagereward_model,
+                                                                            imagereward_tokenizer
 ==============  ==========================================================  =======================
 
 The scorer names are config-owned (:data:`spo.config.SCORER_NAMES`, validated there); this module maps each to
@@ -63,6 +64,7 @@ MODEL_REF_KEYS = (
     "aesthetic_weights",
     "hps_weights",
     "imagereward_model",
+    "imagereward_tokenizer",
 )
 
 
@@ -119,7 +121,7 @@ def to_tensor_images(images: Any) -> torch.Tensor:
         else:
             images = np.stack([np.asarray(im) for im in images])
     if hasattr(images, "convert"):  # a single PIL image
-        images = np.asarray(images.convert("RGB"))[None]
+        images = np.array(images.convert("RGB"))[None]  # a writable copy (torch warns on read-only arrays)
     t = torch.as_tensor(np.asarray(images))
     if t.dtype != torch.uint8:
         raise ValueError(f"integer images must be uint8, got {t.dtype}")
@@ -172,6 +174,12 @@ def require_module(module: str, what: str, extra: str):
 
     try:
         return importlib.import_module(module)
+    except RuntimeError as exc:
+        # torchvision built for another torch (e.g. PyPI's CUDA wheel beside a CPU torch) fails at import
+        # with "operator torchvision::nms does not exist".
+        if "torchvision" not in str(exc):
+            raise
+        raise MissingExtraError(what, extra, f"{module} (needs torchvision)", f"whose torchvision does not match torch ({exc})") from exc
     except ImportError as exc:
         if exc.name and exc.name.split(".")[0] != module.split(".")[0]:
             # The package is there but one of *its* dependencies is not (e.g. open_clip without torchvision).

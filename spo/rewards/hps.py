@@ -1,6 +1,7 @@
 """HPSv2.1 (Wu et al. 2023): ``100 * cos(image, text)`` of an open_clip ViT-H-14 fine-tuned on HPD v2.
 
-Behind the optional extra ``spo[hps]`` (open_clip needs torchvision and timm; the core install stays light).
+Behind the optional extra ``spo[metrics]`` (open_clip needs torchvision; scripts/install_metrics.sh installs the
+build matching torch; the core install stays light).
 The HPS checkpoint holds the whole CLIP, so the model is built without pretrained weights and the checkpoint
 is loaded over it, as the hpsv2 package itself does. Scores are x100 to match the papers' tables
 (SPO's "HPSV2" column is HPSv2.1, see shared/reference/paper.md §1a).
@@ -49,7 +50,7 @@ class HPSScorer(Scorer):
 
 
 def load(cfg, device="cpu") -> HPSScorer:
-    open_clip = require_module("open_clip", "the HPSv2.1 scorer", "hps")
+    open_clip = require_module("open_clip", "the HPSv2.1 scorer", "metrics")
     weights = local_file_or_download(cfg.eval.hps_weights, "HPSv2.1", config_key="eval.hps_weights")
     model = open_clip.create_model(cfg.eval.hps_model, pretrained=None)
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
@@ -64,4 +65,4 @@ def load(cfg, device="cpu") -> HPSScorer:
 
 
 def preflight(cfg) -> None:
-    require_module("open_clip", "the HPSv2.1 scorer", "hps")
+    require_module("open_clip", "the HPSv2.1 scorer", "metrics")

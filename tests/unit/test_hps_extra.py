@@ -1,5 +1,5 @@
-"""HPSv2.1 against open_clip's own pipeline on a tiny open_clip model (runs where `spo[hps]` is installed;
-CI's core install has no open_clip, and the missing-extra error is tested in test_rewards.py)."""
+"""HPSv2.1 against open_clip's own pipeline on a tiny open_clip model (runs where `spo[metrics]` is
+installed, as in CI; the missing-extra error is tested in test_rewards.py)."""
 
 from __future__ import annotations
 
