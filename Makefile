@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
+comma  := ,
+# metrics (spo[metrics]) is installed by scripts/install_metrics.sh, which picks the torchvision build for torch.
+PIP_EXTRAS := $(subst $() ,$(comma),$(strip $(filter-out metrics,$(subst $(comma), ,$(EXTRAS)))))
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE ?= 1
@@ -17,11 +20,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_torch.sh
+$(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_metrics.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	bash scripts/install_torch.sh $(BIN)/pip
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -e ".$(if $(PIP_EXTRAS),[$(PIP_EXTRAS)])"
+	$(if $(filter metrics,$(subst $(comma), ,$(EXTRAS))),bash scripts/install_metrics.sh $(BIN)/pip .)
 	touch $(STAMP)
 
 run: install

@@ -224,7 +224,7 @@ def test_spm_scorer_without_a_trained_spm(cfg):
 @pytest.mark.parametrize(("name", "module", "extra"), [("hpsv21", "open_clip", "metrics")])
 def test_missing_optional_extra_names_the_pip_extra(cfg, monkeypatch, name, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
-    with pytest.raises(MissingExtraError, match=rf"pip install 'spo\[{extra}\]'") as err:
+    with pytest.raises(MissingExtraError, match=rf"make install EXTRAS=dev,{extra}") as err:
         get_scorer(name, cfg)
     assert module in str(err.value)
 
