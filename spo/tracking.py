@@ -208,6 +208,8 @@ def init_store(cfg: Any | None = None) -> str:
         # Two processes creating a fresh SQLite store's schema (or the experiment) at once collide: the
         # tracking and registry stores migrate the schema when first opened, so open both under the lock.
         with sqlite_store_lock(uri, "init"):
+            if uri.startswith("sqlite:///"):
+                _create_sqlite_schema_atomically(Path(uri[len("sqlite:///") :]))
             client = MlflowClient()
             if uri.startswith("sqlite:///"):
                 client.search_registered_models(max_results=1)
@@ -412,10 +414,10 @@ def _run(
     exp_id = init_store(cfg)
     run = mlflow.start_run(
         experiment_id=exp_id,
-        run_name=name,
+        run_name=redact(name),  # names and notes quote overrides, which may carry credentials
         nested=parent is not None,
         parent_run_id=parent,
-        tags={**tags, **process_tags()},
+        tags={k: redact(str(v)) for k, v in {**tags, **process_tags()}.items()},
         log_system_metrics=system_metrics and cfg.tracking.log_system_metrics,
     )
     tracker = MlflowTracker(run.info.run_id)
@@ -644,6 +646,28 @@ def model_code_sha256() -> str:
     from spo.utils import sha256_file
 
     return sha256_file(MODEL_CODE)
+
+
+def _create_sqlite_schema_atomically(db: Path) -> None:
+    """Build a new SQLite store's schema beside it, then rename it into place.
+
+    MLflow's migrations are not transactional on SQLite: a process killed while creating a fresh store
+    leaves a half-migrated file (``table _alembic_tmp_experiments already exists``) that every later run
+    trips over. Built aside and renamed, a killed creation leaves only a temporary file behind."""
+    if db.exists() and db.stat().st_size > 0:
+        return
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    for stale in db.parent.glob(f".{db.name}.creating-*"):
+        stale.unlink(missing_ok=True)  # left by a killed creation; we hold the init lock
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    os.replace(tmp, db)
 
 
 @contextlib.contextmanager

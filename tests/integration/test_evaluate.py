@@ -262,7 +262,7 @@ def test_resume_reuses_images_and_regenerates_only_missing_ones(project):
 def test_missing_extra_fails_before_generation_or_is_skipped_when_asked(project, monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)
     cfg = make_cfg(project, *FAST, "eval.scorers=[toy_aesthetic,hpsv21]")
-    with pytest.raises(MissingExtraError, match=r"spo\[hps\]"):
+    with pytest.raises(MissingExtraError, match=r"EXTRAS=dev,metrics"):
         evaluate.run(cfg)
     assert not cfg.paths.eval_images.exists()  # failed before generating anything
 
