@@ -185,17 +185,6 @@ PICKSCORE_VISION: dict[str, Any] = dict(
 PICKSCORE_PROJECTION = 1024
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-SD_SCHEDULER: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-)
 
 # Published parameter counts (the unit test checks the builders against them, on the meta device).
 PARAM_COUNTS = {
@@ -353,6 +342,8 @@ def build_text_encoder(config: dict[str, Any], with_projection: bool = False):
 
 def build_scheduler():
     from diffusers import DDIMScheduler
+
+    from spo.models.tiny import SD_SCHEDULER
 
     return DDIMScheduler(**SD_SCHEDULER)
 

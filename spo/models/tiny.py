@@ -131,21 +131,25 @@ def tiny_unet(cross_attention_dim: int = 64, sample_size: int = 8, sdxl: bool = 
     return UNet2DConditionModel(**kwargs)
 
 
+# SD-1.5's DDIM settings (its scheduler_config.json); the real-size builders use them too.
+SD_SCHEDULER: dict = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+
 def tiny_scheduler(**overrides):
     """DDIM with SD-1.5's schedule and settings (``overrides``, e.g. ``prediction_type``, replace them)."""
     from diffusers import DDIMScheduler
 
-    settings = dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    return DDIMScheduler(**{**settings, **overrides})
+    return DDIMScheduler(**{**SD_SCHEDULER, **overrides})
 
 
 def build_tiny_sd15(words: Iterable[str] = (), seed: int = 0, text_encoder=None, tokenizer=None):
