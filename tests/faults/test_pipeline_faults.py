@@ -43,9 +43,14 @@ def test_the_temporary_prefect_server_dies_with_a_killed_pipeline(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
     line = proc.stdout.readline().split()
-    assert len(line) == 2 and line[1].startswith("http://127.0.0.1:"), line
+    if len(line) != 2:  # the server did not come up: show why instead of an empty list
+        proc.kill()
+        pytest.fail(f"temporary Prefect server did not start: {proc.communicate()[1][-3000:]}")
+    assert line[1].startswith("http://127.0.0.1:"), line
     server_pid = int(line[0])
     assert _alive(server_pid)
     os.kill(proc.pid, signal.SIGKILL)  # no finally, no atexit: only the kernel can stop the server now
