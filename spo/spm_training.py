@@ -286,8 +286,9 @@ def pair_streams(cfg):
     train_path = require_path(artifact_path(cfg, "spm_train_pairs"), "prepared SPM training pairs", hint)
     val_path = require_path(artifact_path(cfg, "spm_val_pairs"), "prepared SPM validation pairs", hint)
     res, bs, seed, root = cfg.spm_resolution, cfg.spm.batch_size, cfg.spm.seed, cfg.paths.root
-    train = PairStream(train_path, cfg.data.source, res, bs, seed, shuffle=True, drop_last=True, root=root)
-    val = PairStream(val_path, cfg.data.source, res, bs, seed, shuffle=False, drop_last=False, root=root)
+    common = dict(root=root, on_bad_image=cfg.spm.on_bad_image, max_bad_pairs=cfg.spm.max_bad_pairs)
+    train = PairStream(train_path, cfg.data.source, res, bs, seed, shuffle=True, drop_last=True, **common)
+    val = PairStream(val_path, cfg.data.source, res, bs, seed, shuffle=False, drop_last=False, **common)
     if len(train) == 0:
         raise SPOError(
             f"{train_path} holds fewer pairs than one batch (spm.batch_size={bs}); lower spm.batch_size or "
@@ -384,6 +385,7 @@ class TrainState:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     nonfinite: dict[str, int] = field(default_factory=dict)  # NonFiniteGuard.state_dict()
     lr_scheduler: dict[str, Any] = field(default_factory=dict)  # LambdaLR.state_dict(), plain numbers
+    bad_pairs: list[list[dict[str, Any]]] = field(default_factory=list)  # skipped training pairs, by process
 
 
 class SPMTrainer:
@@ -411,11 +413,21 @@ class SPMTrainer:
         self.side_seconds = 0.0  # evaluation and checkpointing: not training throughput
 
     def resume(self, path: Path, state: dict[str, Any]) -> None:
-        self.acc.load_state(str(path))
+        try:
+            # accelerate loads with weights_only=True: a tampered file is refused, never executed.
+            self.acc.load_state(str(path))
+        except Exception as exc:
+            raise SPOError(
+                f"cannot load the SPM checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                "it is damaged or not from this project: resume another one, or start fresh without --resume"
+            ) from exc
         self.state = TrainState(**state)
         self.guard.load_state_dict(self.state.nonfinite)
         if self.state.lr_scheduler:
             self.lr_scheduler.load_state_dict(self.state.lr_scheduler)
+        # The skipped batches are not decoded again: their bad pairs still count towards the cap.
+        rank = self.acc.process_index
+        self.train_stream.bad_pairs = list(self.state.bad_pairs[rank]) if rank < len(self.state.bad_pairs) else []
 
     def measure_initial(self) -> None:
         """Accuracy of the untrained model (once per run: it travels with the checkpoints)."""
@@ -514,9 +526,18 @@ class SPMTrainer:
         log_accuracy("spm/val_acc", acc["spm"], self.state.step)
         return acc["spm"], n_val
 
+    def gathered_bad_pairs(self) -> list[list[dict[str, Any]]]:
+        """Every process's skipped training pairs (a collective: all processes call it)."""
+        from accelerate.utils import gather_object
+
+        return gather_object([list(self.train_stream.bad_pairs)]) if self.acc.num_processes > 1 else [
+            list(self.train_stream.bad_pairs)
+        ]
+
     def checkpoint(self) -> Path | None:
         self.state.nonfinite = self.guard.state_dict()
         self.state.lr_scheduler = self.lr_scheduler.state_dict()  # plain numbers (its lambdas are functions: None)
+        self.state.bad_pairs = self.gathered_bad_pairs()
         return self.checkpoints.save(
             self.state.step,
             asdict(self.state),

@@ -548,6 +548,11 @@ class PairStream:
     only their row groups -- so memory holds at most one window of JPEG bytes. ``skip_batches`` resumes
     mid-epoch without reading the skipped images. With several processes, the epoch's batch list is dealt
     round-robin and cut to equal length (the remainder, < num_processes batches, is dropped).
+
+    An undecodable JPEG fails the run (``on_bad_image="fail"``) or, with ``"skip"``, its pair stays in the
+    batch as a masked pair -- grey images, tie labels, weight 0 -- so it adds nothing to the loss or to the
+    accuracy while every batch keeps its size, every process its batch count and a resumed run its offsets.
+    Skipped pairs are logged with their row ids and kept in ``bad_pairs``; more than ``max_bad_pairs`` fails.
     """
 
     IMAGE_READ_COLUMNS = ["jpg_0", "jpg_1", "image_0_uid", "image_1_uid"]
@@ -566,6 +571,8 @@ class PairStream:
         decode_workers: int = 4,
         revision: str | None = None,
         root: str | Path | None = None,
+        on_bad_image: str = "fail",
+        max_bad_pairs: int = 100,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -591,6 +598,10 @@ class PairStream:
         self._file_codes = _caption_codes(self.pairs.column("source_file"))
         self._rows = self.pairs.column("source_row").to_numpy()
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        if on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image must be 'fail' or 'skip', not {on_bad_image!r}")
+        self.on_bad_image, self.max_bad_pairs = on_bad_image, max_bad_pairs
+        self.bad_pairs: list[dict[str, Any]] = []  # {"ranking_id", "source_file", "source_row", "error"}
 
     def __len__(self) -> int:
         return self.num_batches()
@@ -681,14 +692,37 @@ class PairStream:
                 out[int(i)] = (j0[k], j1[k])
         return out
 
-    def _decode(self, i: int, data: bytes) -> torch.Tensor:
+    def _decode(self, i: int, data: bytes) -> torch.Tensor | str:
+        """The image, or (skip policy) the reason it cannot be decoded."""
         try:
             return decode_image(data, self.resolution)
         except Exception as exc:
+            where = self._where(i)
+            if self.on_bad_image == "skip":
+                return f"{type(exc).__name__}: {exc}"
             raise DataValidationError(
-                f"cannot decode the JPEG of {self._files[i]} row {int(self._rows[i])} "
-                f"(ranking_id {self.pairs.column('ranking_id')[i].as_py()}): {exc}"
+                f"cannot decode the JPEG of {where}: {exc}. Set spm.on_bad_image=skip to train without such pairs."
             ) from exc
+
+    def _where(self, i: int) -> str:
+        return (
+            f"{self._files[i]} row {int(self._rows[i])} (ranking_id {self.pairs.column('ranking_id')[i].as_py()})"
+        )
+
+    def _skip(self, i: int, error: str) -> None:
+        self.bad_pairs.append({
+            "ranking_id": int(self.pairs.column("ranking_id")[i].as_py()),
+            "source_file": self._files[i],
+            "source_row": int(self._rows[i]),
+            "error": error,
+        })
+        log.warning("skipping the pair at %s: cannot decode its JPEG (%s)", self._where(i), error)
+        if len(self.bad_pairs) > self.max_bad_pairs:
+            raise DataValidationError(
+                f"{len(self.bad_pairs)} pairs with undecodable JPEGs, more than spm.max_bad_pairs="
+                f"{self.max_bad_pairs}: the source looks corrupt (first: {self.bad_pairs[0]}). Check it with "
+                "`spo prepare`, or raise spm.max_bad_pairs."
+            )
 
     def _make_batch(
         self, idx: np.ndarray, images: dict[int, tuple[bytes, bytes]], pool: ThreadPoolExecutor
@@ -696,6 +730,7 @@ class PairStream:
         import torch
 
         ids = [int(i) for i in idx]
+        n = len(ids)
         jobs = [(i, images[i][0]) for i in ids] + [(i, images[i][1]) for i in ids]
         decoded = list(pool.map(lambda job: self._decode(*job), jobs))
         sub = self.pairs.take(pa.array(idx))
@@ -703,15 +738,23 @@ class PairStream:
         def floats(name: str) -> torch.Tensor:
             return torch.from_numpy(sub.column(name).to_numpy().astype(np.float32))
 
-        return {
+        batch = {
             "caption": sub.column("caption").to_pylist(),
-            "image_0": torch.stack(decoded[: len(ids)]),
-            "image_1": torch.stack(decoded[len(ids) :]),
             "label_0": floats("label_0"),
             "label_1": floats("label_1"),
             "weight": floats("weight"),
             "ranking_id": torch.from_numpy(sub.column("ranking_id").to_numpy().astype(np.int64)),
         }
+        bad = [k for k in range(n) if isinstance(decoded[k], str) or isinstance(decoded[n + k], str)]
+        for k in bad:
+            errors = [d for d in (decoded[k], decoded[n + k]) if isinstance(d, str)]
+            self._skip(ids[k], "; ".join(errors))
+            grey = torch.zeros(3, self.resolution, self.resolution)
+            decoded[k], decoded[n + k] = grey, grey
+            batch["label_0"][k] = batch["label_1"][k] = 0.5
+            batch["weight"][k] = 0.0
+        batch["image_0"], batch["image_1"] = torch.stack(decoded[:n]), torch.stack(decoded[n:])
+        return batch
 
 
 def load_data_card(prepared_dir: str | Path) -> dict[str, Any]:

@@ -86,6 +86,9 @@ def _train(cfg, resume: str | None, timer: SectionTimer) -> TrainSPMResult:
     seconds = trainer.fit()
     accuracy, n_val = trainer.evaluate()
     state = trainer.state
+    bad = [pair for rank in trainer.gathered_bad_pairs() for pair in rank] + val_stream.bad_pairs
+    if bad:
+        log.warning("%d pairs were skipped for undecodable JPEGs (listed in spm_train.json)", len(bad))
     metrics = {
         "accuracy": accuracy,
         "initial_accuracy": state.initial_accuracy,
@@ -99,6 +102,8 @@ def _train(cfg, resume: str | None, timer: SectionTimer) -> TrainSPMResult:
         "relabelled": cfg.spm.relabel,
         "base_model": str(cfg.model.pretrained),
         "init": cfg.spm.init,
+        "skipped_pairs": len(bad),
+        "skipped": bad[:1000],
     }
     info = {"training_config_hash": checkpoints.identity.config_hash, "base_model": str(cfg.model.pretrained),
             "steps": state.step, "accuracy": accuracy}

@@ -210,3 +210,47 @@ def test_resumed_run_warns_on_a_config_change_only(tiny_project, caplog):
         result = train_spm.run(changed, resume=str(ckpt))
     assert "different config" in caplog.text and "spm.lr" in caplog.text
     assert result["steps"] == 2
+
+
+def _corrupt_every_third_training_jpeg(cfg) -> None:
+    import os
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spo.data.pickapic import resolve_source
+
+    src = resolve_source(cfg)
+    for rel in src.shards("train"):
+        path = Path(src.root) / rel
+        t = pq.read_table(path)
+        jpg = [b[:40] if i % 3 == 0 else b for i, b in enumerate(t.column("jpg_1").to_pylist())]
+        # Written aside and renamed: the project is a copy that may share files with the session's template.
+        t = t.set_column(t.schema.get_field_index("jpg_1"), "jpg_1", pa.array(jpg, pa.binary()))
+        pq.write_table(t, f"{path}.new")
+        os.replace(f"{path}.new", path)
+
+
+def test_undecodable_training_jpegs_fail_or_are_skipped_counted_and_resumed(tiny_project):
+    from spo.errors import DataValidationError
+
+    _corrupt_every_third_training_jpeg(tiny_project)
+    quick = ["spm.eval_timesteps=[0]", "spm.max_steps=2", "spm.checkpoint_every=1"]
+    with pytest.raises(DataValidationError, match="spm.on_bad_image=skip"):
+        train_spm.run(_cfg(tiny_project, *quick))
+    cfg = _cfg(tiny_project, *quick, "spm.on_bad_image=skip", "spm.max_bad_pairs=1000")
+    train_spm.run(cfg)
+    metrics = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
+    assert metrics["skipped_pairs"] > 0 and len(metrics["skipped"]) == metrics["skipped_pairs"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _read_csv_floats(cfg))
+    # Resumed after step 1, the run still counts the pairs skipped before its checkpoint: same list.
+    first = cfg.paths.root / "checkpoints/spm/checkpoint-1"
+    assert json.loads((first / "trainer_state.json").read_text())["state"]["bad_pairs"][0]  # step 1 skipped some
+    train_spm.run(cfg, resume=str(first))
+    resumed = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
+    assert resumed["steps"] == 2 and resumed["skipped"] == metrics["skipped"]
+
+
+def _read_csv_floats(cfg):
+    return [{"loss": float(r["loss"])} for r in _read_csv(cfg.paths.reports / "spm_train_curves.csv")]

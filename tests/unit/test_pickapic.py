@@ -374,3 +374,65 @@ def test_pair_stream_refuses_a_source_that_changed(stream_world, tmp_path):
     s = P.PairStream(tmp_path / "pairs", src, resolution=32, batch_size=len(uids), seed=0, shuffle=False)
     with pytest.raises(DataValidationError, match="source changed"):
         next(iter(s.iter_epoch(0)))
+
+
+def _corrupt_jpegs(src, pairs, dest, ranks: list[int]):
+    """A copy of ``src`` where jpg_0 of the source rows of pair-table rows ``ranks`` holds truncated bytes."""
+    import shutil
+
+    shutil.copytree(src.root, dest)
+    rows = pairs.take(pa.array(ranks)).select(["source_file", "source_row"]).to_pylist()
+    for rel in {r["source_file"] for r in rows}:
+        t = pq.read_table(dest / rel)
+        jpg = t.column("jpg_0").to_pylist()
+        for r in rows:
+            if r["source_file"] == rel:
+                jpg[r["source_row"]] = jpg[r["source_row"]][:40]  # a JPEG header with no scan data
+        t = t.set_column(t.schema.get_field_index("jpg_0"), "jpg_0", pa.array(jpg, type=pa.binary()))
+        pq.write_table(t, dest / rel)
+    return P.ParquetSource.open(dest)
+
+
+def test_an_undecodable_jpeg_fails_by_default_naming_its_row(stream_world, tmp_path):
+    root, src, pairs = stream_world
+    bad = _corrupt_jpegs(src, pairs, tmp_path / "src", [5])
+    rid = pairs.column("ranking_id")[5].as_py()
+    s = _stream(root, bad, shuffle=False)
+    with pytest.raises(DataValidationError, match=rf"ranking_id {rid}\).*on_bad_image=skip"):
+        list(s.iter_epoch(0))
+
+
+def test_skipped_pairs_are_masked_and_keep_every_batch_and_offset(stream_world, tmp_path):
+    root, src, pairs = stream_world
+    bad_rows = [1, 5, 12]
+    bad = _corrupt_jpegs(src, pairs, tmp_path / "src", bad_rows)
+    bad_rids = {pairs.column("ranking_id")[i].as_py() for i in bad_rows}
+    clean = list(_stream(root, src).iter_epoch(1))
+    s = _stream(root, bad, on_bad_image="skip", max_bad_pairs=3)
+    skipped = list(s.iter_epoch(1))
+    # Same batches, same pairs, same order: only the bad pairs are masked (weight 0, tie, grey images).
+    assert [b["ranking_id"].tolist() for b in skipped] == [b["ranking_id"].tolist() for b in clean]
+    seen = set()
+    for b_clean, b in zip(clean, skipped, strict=True):
+        for k, rid in enumerate(b["ranking_id"].tolist()):
+            if rid in bad_rids:
+                seen.add(rid)
+                assert float(b["weight"][k]) == 0 and float(b["label_0"][k]) == float(b["label_1"][k]) == 0.5
+                assert torch.count_nonzero(b["image_0"][k]) == 0 and torch.count_nonzero(b["image_1"][k]) == 0
+            else:
+                assert torch.equal(b["image_0"][k], b_clean["image_0"][k])
+                assert float(b["weight"][k]) == float(b_clean["weight"][k])
+    in_epoch = {rid for b in clean for rid in b["ranking_id"].tolist()} & bad_rids
+    assert seen == in_epoch and {p["ranking_id"] for p in s.bad_pairs} == in_epoch
+    assert all("source_row" in p and p["error"] for p in s.bad_pairs)
+    # A masked pair adds nothing to the SPM loss: the loss equals the loss of the good pairs alone.
+    from spo.losses import spm_loss
+
+    b = next(b for b in skipped if float(b["weight"].min()) == 0)
+    keep = b["weight"] > 0
+    s0, s1 = torch.randn(len(keep)), torch.randn(len(keep))
+    full = spm_loss(s0, s1, b["label_0"], b["label_1"], b["weight"])
+    assert torch.allclose(full, spm_loss(s0[keep], s1[keep], b["label_0"][keep], b["label_1"][keep], b["weight"][keep]))
+    # The cap counts pairs, not images, and is enforced.
+    with pytest.raises(DataValidationError, match="max_bad_pairs=1"):
+        list(_stream(root, bad, on_bad_image="skip", max_bad_pairs=1, shuffle=False, drop_last=False).iter_epoch(0))
