@@ -63,12 +63,24 @@ def _check_registry(cfg) -> list[tracking.VersionInfo]:
     return versions
 
 
-def test_kill_sweep_during_register_leaves_nothing_half_done(project):
+def test_kill_sweep_during_register_leaves_nothing_half_done(project, tmp_path):
     """kill -9 at several points of `spo register`; then one clean run: exactly one complete version with
     the alias, and no run of a killed process left RUNNING."""
+    # Kill points are fractions of one uninterrupted register (timed on a copy with its own store), so
+    # they land inside registrations however fast the machine is.
+    probe = tmp_path / "probe"
+    shutil.copytree(project.paths.root, probe)
+    probe_cli = [
+        a.replace(str(project.paths.root), str(probe)).replace(str(tmp_path / "store"), str(tmp_path / "probe_store"))
+        for a in project._cli
+    ]
+    started = time.monotonic()
+    timed = subprocess.run(probe_cli, env=_env(), capture_output=True, text=True, timeout=600)
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    duration = time.monotonic() - started
     rng = random.Random(0)
     kills = 0
-    for delay in sorted(rng.uniform(2.0, 9.0) for _ in range(4)):
+    for delay in sorted(rng.uniform(0.35, 0.95) * duration for _ in range(4)):
         proc = subprocess.Popen(project._cli, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         if proc.poll() is None:
