@@ -224,7 +224,7 @@ class SPMConfig(Section):
     # Non-finite losses in a row (each skipped) before training aborts with a NonFiniteError.
     max_consecutive_nonfinite: int = Field(5, ge=1)
     # An undecodable training/validation JPEG: "fail" stops with its row ids; "skip" masks its pair (weight 0,
-    # logged with row ids, listed in spm_train.json) and fails once more than max_bad_pairs (per process) are bad.
+    # logged with row ids, listed in spm_metrics.json) and fails once more than max_bad_pairs (per process) are bad.
     on_bad_image: Literal["fail", "skip"] = "fail"
     max_bad_pairs: int = Field(100, ge=0)
 

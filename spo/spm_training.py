@@ -530,9 +530,7 @@ class SPMTrainer:
         """Every process's skipped training pairs (a collective: all processes call it)."""
         from accelerate.utils import gather_object
 
-        return gather_object([list(self.train_stream.bad_pairs)]) if self.acc.num_processes > 1 else [
-            list(self.train_stream.bad_pairs)
-        ]
+        return gather_object([list(self.train_stream.bad_pairs)])  # one process: the list as it is
 
     def checkpoint(self) -> Path | None:
         self.state.nonfinite = self.guard.state_dict()

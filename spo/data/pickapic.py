@@ -697,11 +697,10 @@ class PairStream:
         try:
             return decode_image(data, self.resolution)
         except Exception as exc:
-            where = self._where(i)
             if self.on_bad_image == "skip":
                 return f"{type(exc).__name__}: {exc}"
             raise DataValidationError(
-                f"cannot decode the JPEG of {where}: {exc}. Set spm.on_bad_image=skip to train without such pairs."
+                f"cannot decode the JPEG of {self._where(i)}: {exc}. Set spm.on_bad_image=skip to train without such pairs."
             ) from exc
 
     def _where(self, i: int) -> str:

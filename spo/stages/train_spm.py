@@ -88,7 +88,7 @@ def _train(cfg, resume: str | None, timer: SectionTimer) -> TrainSPMResult:
     state = trainer.state
     bad = [pair for rank in trainer.gathered_bad_pairs() for pair in rank] + val_stream.bad_pairs
     if bad:
-        log.warning("%d pairs were skipped for undecodable JPEGs (listed in spm_train.json)", len(bad))
+        log.warning("%d pairs were skipped for undecodable JPEGs (listed in spm_metrics.json)", len(bad))
     metrics = {
         "accuracy": accuracy,
         "initial_accuracy": state.initial_accuracy,
