@@ -130,3 +130,77 @@ def select_pairs(scores: torch.Tensor, threshold: float) -> Selection:
     p = torch.softmax(torch.stack([best, worst], dim=1).float(), dim=1)
     gap = p[:, 0] - p[:, 1]
     return Selection(win=win, lose=lose, keep=gap > threshold, gap=gap)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diffusion-DPO loss (the baseline)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class DPOLossOutput:
+    per_pair: torch.Tensor  # (N,) −log σ(inside)
+    inside: torch.Tensor  # (N,) the sigmoid argument −β/2·(model_diff − ref_diff) (detached)
+    model_err_pair: torch.Tensor  # (N,) ½(e_θ(x^w) + e_θ(x^l)), e = mean ‖ε − ε_θ‖² (detached)
+    ref_err_pair: torch.Tensor  # (N,) ½(e_ref(x^w) + e_ref(x^l))
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean over pairs (differentiable)."""
+        return self.per_pair.mean()
+
+    @property
+    def implicit_acc(self) -> torch.Tensor:
+        """Fraction of pairs with model_diff < ref_diff (the official ``inside_term > 0``)."""
+        return (self.inside > 0).float().mean()
+
+    @property
+    def model_err(self) -> torch.Tensor:
+        """Mean ‖ε − ε_θ‖² over the 2N images (the official ``raw_model_loss``)."""
+        return self.model_err_pair.mean()
+
+    @property
+    def ref_err(self) -> torch.Tensor:
+        """Mean ‖ε − ε_ref‖² over the 2N images (the official ``raw_ref_loss``)."""
+        return self.ref_err_pair.mean()
+
+
+def diffusion_dpo_loss(
+    eps_model_win: torch.Tensor,
+    eps_model_lose: torch.Tensor,
+    eps_ref_win: torch.Tensor,
+    eps_ref_lose: torch.Tensor,
+    noise: torch.Tensor,
+    beta: float,
+) -> DPOLossOutput:
+    """Diffusion-DPO (Wallace et al. 2023, eq. 14; the official ``train.py``).
+
+    Winner and loser are noised with the same ε and timestep t; with per-sample errors averaged over the
+    latent elements, e_θ(x) = mean‖ε − ε_θ(x_t, c, t)‖²,
+
+        model_diff = e_θ(x^w) − e_θ(x^l),    ref_diff = e_ref(x^w) − e_ref(x^l)
+        L = −log σ( −β/2 · (model_diff − ref_diff) )
+
+    exactly the official ``inside_term = -0.5 * beta_dpo * (model_diff - ref_diff)``: the paper's
+    −β·T·ω(λ_t) weighting folded into a constant β/2 (its T and ω(λ_t) = 1 absorbed in β). The loss falls when
+    the policy denoises the winner better than the reference does (relative to the loser); at the reference
+    (model_diff = ref_diff) it is log 2. ``implicit_acc`` is the official ``inside_term > 0`` (ties count as
+    wrong). The reference predictions are taken as constants.
+    """
+    target = noise.float()
+    dims = tuple(range(1, target.ndim))
+
+    def err(pred: torch.Tensor) -> torch.Tensor:
+        return (pred.float() - target).pow(2).mean(dim=dims)
+
+    model_w, model_l = err(eps_model_win), err(eps_model_lose)
+    with torch.no_grad():
+        ref_w, ref_l = err(eps_ref_win.detach()), err(eps_ref_lose.detach())
+    model_diff = model_w - model_l
+    ref_diff = ref_w - ref_l
+    inside = -0.5 * beta * (model_diff - ref_diff)
+    per_pair = -F.logsigmoid(inside)
+    return DPOLossOutput(
+        per_pair=per_pair,
+        inside=inside.detach(),
+        model_err_pair=0.5 * (model_w.detach() + model_l.detach()),
+        ref_err_pair=0.5 * (ref_w + ref_l),
+    )

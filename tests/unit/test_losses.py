@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spo.losses import select_pairs, spm_loss, spo_loss
+from spo.losses import diffusion_dpo_loss, select_pairs, spm_loss, spo_loss
 
 
 def _log_softmax2(a: float, b: float) -> tuple[float, float]:
@@ -111,3 +111,53 @@ def test_shard_loss_of_a_single_process_is_the_spm_loss():
     l0 = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 1.0])
     w = torch.rand(6, generator=g) + 0.1
     torch.testing.assert_close(shard_loss(s0, s1, l0, 1 - l0, w, w.sum()), spm_loss(s0, s1, l0, 1 - l0, w))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diffusion-DPO
+# ----------------------------------------------------------------------------------------------------------
+def _lat(*pairs: tuple[float, float]) -> torch.Tensor:
+    """(N, 1, 1, 2) latents from per-pair element pairs."""
+    return torch.tensor(pairs, dtype=torch.float32).view(len(pairs), 1, 1, 2)
+
+
+def test_diffusion_dpo_loss_hand_computed():
+    # Per-sample errors e = mean over the 2 latent elements of (pred − ε)², worked out by hand:
+    # pair 1: ε = (0, 0); model w (1, 1) -> 1, model l (2, 0) -> 2, ref w (0, 2) -> 2, ref l (1, 1) -> 1
+    #         model_diff = −1, ref_diff = 1, inside = −0.5·β·(−2) = 0.5 (β = 0.5)
+    # pair 2: ε = (1, −1); model w (3, −1) -> 2, model l (1, −1) -> 0, ref w = ref l = (1, −1) -> 0
+    #         model_diff = 2, ref_diff = 0, inside = −0.5·β·2 = −0.5
+    noise = _lat((0, 0), (1, -1))
+    out = diffusion_dpo_loss(
+        eps_model_win=_lat((1, 1), (3, -1)),
+        eps_model_lose=_lat((2, 0), (1, -1)),
+        eps_ref_win=_lat((0, 2), (1, -1)),
+        eps_ref_lose=_lat((1, 1), (1, -1)),
+        noise=noise,
+        beta=0.5,
+    )
+    expected = [math.log1p(math.exp(-0.5)), math.log1p(math.exp(0.5))]  # −log σ(x) = log(1 + e^−x)
+    assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert out.inside.tolist() == pytest.approx([0.5, -0.5])
+    assert out.implicit_acc.item() == 0.5  # pair 1: model_diff < ref_diff
+    assert out.model_err.item() == pytest.approx((1 + 2 + 2 + 0) / 4)
+    assert out.ref_err.item() == pytest.approx((2 + 1 + 0 + 0) / 4)
+
+
+def test_diffusion_dpo_loss_is_log2_at_the_reference_and_falls_when_the_winner_is_denoised_better():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 4, 2, 2, generator=g)
+    ref_w = noise + 0.3 * torch.randn(noise.shape, generator=g)
+    ref_l = noise + 0.3 * torch.randn(noise.shape, generator=g)
+    same = diffusion_dpo_loss(ref_w, ref_l, ref_w, ref_l, noise, beta=5000.0)
+    assert same.loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert same.implicit_acc.item() == 0.0  # inside = 0 is not counted as correct (the official > 0)
+
+    model_w = (0.9 * ref_w + 0.1 * noise).requires_grad_()  # closer to ε than the reference on the winner
+    better = diffusion_dpo_loss(model_w, ref_l, ref_w, ref_l, noise, beta=5000.0)
+    assert better.loss.item() < math.log(2)
+    assert better.implicit_acc.item() == 1.0
+    assert better.model_err.item() < better.ref_err.item()
+    better.loss.backward()  # the gradient flows to the policy prediction only
+    assert model_w.grad is not None and torch.isfinite(model_w.grad).all()
