@@ -34,6 +34,7 @@ examples:
   accelerate launch -m spo.cli train --preset sd15
   spo evaluate --preset sd15 --lora SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA
   spo generate --model models:/spo-tiny@champion "a red circle on a blue background" -o out.png
+  spo sweep paper-ablations --only next-step-init  # variants x seeds of train + evaluate, one table
 """
 
 
@@ -69,13 +70,22 @@ def _print_result(result: Any) -> None:
 
 
 def _run_stage(spec: StageSpec, args: argparse.Namespace) -> Any:
-    cfg = load_config(args.preset, args.overrides, args.params)
+    sets = [
+        f"{o.sets}={getattr(args, o.dest)}"
+        for o in spec.options
+        if o.sets and getattr(args, o.dest) is not None
+    ]
+    cfg = load_config(args.preset, [*args.overrides, *sets], args.params)
     stage = importlib.import_module(spec.module)
     from spo import tracking
 
-    extra = {opt.dest: getattr(args, opt.dest) for opt in spec.options}
+    extra = {opt.dest: getattr(args, opt.dest) for opt in spec.options if not opt.sets}
     # Under `accelerate launch` only rank 0 takes the project lock (the other ranks are part of its run).
-    lock = project_lock(cfg.paths.root, f"spo {spec.cli}") if os.environ.get("RANK", "0") == "0" else nullcontext()
+    lock = (
+        project_lock(cfg.paths.root, f"spo {spec.cli}")
+        if os.environ.get("RANK", "0") == "0"
+        else nullcontext()
+    )
     with lock, tracking.stage_tracker(cfg, spec.name) as _:
         return stage.run(cfg, **extra)
 
@@ -120,6 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="output .safetensors file")
 
     p = sub.add_parser(
+        "sweep",
+        help="run a sweep (sweeps/<name>.yaml): variants x seeds of train + evaluate, one report",
+        description="Run the variants x seeds of a sweep definition on this project's data, base model and SPM "
+        "(run `make run` first); writes reports/sweeps/<name>/{table.md,gains.png,results.json} and one MLflow "
+        "run per variant and seed under a sweep parent run. Unchanged runs are reused.",
+    )
+    _add_config_args(p)
+    p.add_argument("name", help="sweep name (sweeps/<name>.yaml) or a path to a sweep file")
+    p.add_argument(
+        "--only", action="append", default=None, metavar="GROUP", help="run only this group (repeatable)"
+    )
+    p.add_argument("--force", action="store_true", help="rerun every run, even those already done")
+    p.add_argument(
+        "--prefect",
+        action="store_true",
+        help="run as the Prefect flow spo-sweep (logs and the table as a flow-run artifact)",
+    )
+
+    p = sub.add_parser(
         "dvc-yaml",
         help="print dvc.yaml as generated from the stage graph (spo dvc-yaml > dvc.yaml)",
         description="Print dvc.yaml as generated from spo/pipeline_spec.py; --check compares it with a file.",
@@ -144,6 +173,7 @@ def _dispatch(args: argparse.Namespace) -> Any:
         "pipeline": _cmd_pipeline,
         "generate": _cmd_generate,
         "export": _cmd_export,
+        "sweep": _cmd_sweep,
     }
     return handlers[args.command](args)
 
@@ -158,7 +188,9 @@ def _cmd_generate(args: argparse.Namespace) -> Any:
     from spo.stages.generate import run as generate
 
     cfg = load_config(args.preset, args.overrides, args.params)
-    return generate(cfg, prompt=args.prompt, model=args.model, output=args.output, seed=args.seed, steps=args.steps)
+    return generate(
+        cfg, prompt=args.prompt, model=args.model, output=args.output, seed=args.seed, steps=args.steps
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> Any:
@@ -166,6 +198,34 @@ def _cmd_export(args: argparse.Namespace) -> Any:
 
     cfg = load_config(args.preset, args.overrides, args.params)
     return export(cfg, fmt=args.format, lora=args.lora, output=args.output)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> Any:
+    from spo.sweeps import run_sweep
+
+    cfg = load_config(args.preset, args.overrides, args.params)
+    if args.prefect:
+        from flows.sweep import run_sweep_cli
+
+        summary = run_sweep_cli(args.name, args.preset, args.overrides, args.params, args.only, args.force)
+    else:
+        with project_lock(cfg.paths.root, f"spo sweep {args.name}"):
+            summary = run_sweep(cfg, args.name, only=args.only, force=args.force)
+    return {
+        "table": str(cfg.paths.root / "reports" / "sweeps" / summary["name"] / "table.md"),
+        **_headline(summary),
+    }
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    metric = summary["metric"]
+    return {
+        f"{g['name']}/{r['variant']}": f"{metric} gain {r['gains'][metric]['gain']:+.3f} "
+        f"[{r['gains'][metric]['ci95'][0]:+.3f}, {r['gains'][metric]['ci95'][1]:+.3f}]"
+        for g in summary["groups"]
+        for r in g["rows"]
+        if metric in r["gains"]
+    }
 
 
 def _cmd_dvc_yaml(args: argparse.Namespace) -> int:

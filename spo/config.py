@@ -227,6 +227,9 @@ class SPMConfig(Section):
     # logged with row ids, listed in spm_metrics.json) and fails once more than max_bad_pairs (per process) are bad.
     on_bad_image: Literal["fail", "skip"] = "fail"
     max_bad_pairs: int = Field(100, ge=0)
+    # False: the SPM never sees the timestep (every image is scored as if t = 0, in training and in SPO) --
+    # the paper's "SPM w/o step condition" ablation (Table 5). Saved with the model.
+    step_conditioned: bool = True
 
     @field_validator("eval_timesteps")
     @classmethod
@@ -247,6 +250,9 @@ class SPMConfig(Section):
 class SPOConfig(Section):
     """SPO fine-tuning (``spo train``); defaults are the paper's settings shared by SD-1.5 and SDXL."""
 
+    # "spo": step-wise preference optimization (the paper). "dpo": the Diffusion-DPO baseline (Wallace et al.
+    # 2023) on the prepared preference pairs, same LoRA, settings in the ``dpo`` section; ``spo train --method``.
+    method: Literal["spo", "dpo"] = "spo"
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float | None = Field(None, gt=0)  # None = rank (the paper)
     lr: float = Field(6e-5, gt=0)
@@ -269,6 +275,18 @@ class SPOConfig(Section):
     eta: float = Field(1.0, gt=0, le=1)
     cfg_scale: float = Field(5.0, ge=0)
     kappa: int = Field(750, ge=0, le=1000)
+    # Lower end of the trained timestep range [min_timestep, kappa] (nominal t); steps below it are plain
+    # (paper Table 8's [250-750]). 0 = the paper.
+    min_timestep: int = Field(0, ge=0, le=1000)
+    # Where sampling continues after a comparison: a uniformly random candidate (the paper), the winner or the
+    # loser (Table 4's collapse ablations).
+    continue_from: Literal["random", "winner", "loser"] = "random"
+    # Which two candidates form the pair: the SPM's best and worst (the paper), or two distinct random ones
+    # (Table 9), ordered by their SPM scores; either way kept only when the gap exceeds ``threshold``.
+    pair_choice: Literal["best_worst", "random"] = "best_worst"
+    # The step judge: the trained step-aware SPM (the paper), or "plain": the SPM's initial CLIP (spm.init)
+    # with no step conditioning and no preference training on noisy images (Table 5's plain PickScore).
+    step_judge: Literal["spm", "plain"] = "spm"
     num_inner_steps: int = Field(1, ge=1)
     # None = the official samplers' rule: SD-1.5 branches at the last step, SDXL (MSPO) never does (the chains
     # in progress take it). See spo.sampling.branches_at_last_step.
@@ -293,11 +311,46 @@ class SPOConfig(Section):
 
     @model_validator(mode="after")
     def _steps_consistent(self) -> SPOConfig:
+        if self.min_timestep > self.kappa:
+            raise ValueError(f"min_timestep ({self.min_timestep}) must not exceed kappa ({self.kappa})")
         if self.divert_start_step >= self.num_steps:
             raise ValueError(
                 f"divert_start_step ({self.divert_start_step}) must be smaller than num_steps ({self.num_steps})"
             )
         return self
+
+
+class DPOConfig(Section):
+    """The Diffusion-DPO baseline (``spo train --method dpo``; Wallace et al. 2023, arXiv 2311.12908), trained
+    offline on the prepared SPM preference pairs (ties dropped) with the same LoRA as SPO (``spo.lora_rank``,
+    ``spo.lora_alpha``). Defaults: the official launchers (shared/reference/paper.md §2c), per process."""
+
+    # The launchers' --beta_dpo (the paper's good range is 2000-5000; its main SD-1.5 model used 2000).
+    beta: float = Field(5000.0, gt=0)
+    # The launchers' --learning_rate 1e-8 --scale_lr at 2048 pairs per step (a full-UNet fine-tune; a LoRA
+    # usually wants more).
+    lr: float = Field(2.048e-5, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)  # the official train.py default
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(500, ge=0)  # linear warm-up, then constant (SD-1.5 launcher; SDXL: 200)
+    max_steps: int = Field(2000, ge=1)  # optimizer steps
+    # Pairs per UNet call and micro-batches per optimizer step, per process: a step takes
+    # batch_size x grad_accum x processes pairs (launchers: 1 x 128 x 16 GPUs = 2048).
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(128, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(3, ge=1)
+    max_consecutive_nonfinite: int = Field(5, ge=1)
+    # Undecodable JPEGs: fail the run, or train without those pairs (masked, counted; see spm.on_bad_image).
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    max_bad_pairs: int = Field(100, ge=0)
+    seed: int = 42
+    image_resolution: int | None = Field(None, ge=8)  # None = model.resolution
 
 
 # The evaluation scorers (``eval.scorers``); spo/rewards maps each name to its loader.
@@ -415,6 +468,7 @@ class Config(Section):
     base: BaseTrainConfig = BaseTrainConfig()
     spm: SPMConfig = SPMConfig()
     spo: SPOConfig = SPOConfig()
+    dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -517,6 +571,17 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def with_overrides(self, *overrides: str) -> Config:
+        """This config with ``--set``-style ``section.key=value`` overrides applied (validated as a whole)."""
+        data = self.to_dict()
+        for item in overrides:
+            path, value = parse_override(item)
+            _apply_override(data, path, value)
+        try:
+            return Config.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, "--set " + " ".join(overrides))) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -64,7 +64,9 @@ def _root_of(obj: Any) -> Path:
 
 _ARTIFACT_LIST: tuple[Artifact, ...] = (
     # -- the tiny world (synth, base) ------------------------------------------------------------------
-    Artifact("raw_data", "data/raw/pickapic_tiny", lineage="raw_data", description="Pick-a-Pic-format parquet"),
+    Artifact(
+        "raw_data", "data/raw/pickapic_tiny", lineage="raw_data", description="Pick-a-Pic-format parquet"
+    ),
     Artifact("raw_data_info", "tiny_world.json", parent="raw_data"),
     Artifact("base_model", "models/base", lineage="base", description="diffusers folder of the base model"),
     Artifact("base_clip", "clip", parent="base_model", description="the tiny CLIP (SPM init, text encoder)"),
@@ -145,13 +147,18 @@ class Option:
     metavar: str | None = None
     is_flag: bool = False  # store_true
     default: Any = None
+    # A config key the option sets (``--method dpo`` = ``--set spo.method=dpo``): applied before the config
+    # resolves, so the tracked params and cache keys see it; such an option is not passed to ``run``.
+    sets: str | None = None
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
 
-RESUME = Option("--resume", "resume from a checkpoint: 'latest' or a checkpoint folder", metavar="latest|PATH")
+RESUME = Option(
+    "--resume", "resume from a checkpoint: 'latest' or a checkpoint folder", metavar="latest|PATH"
+)
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,9 @@ STAGES: tuple[StageSpec, ...] = (
         sections=("synthetic",),
         writes=("raw_data",),
         code=("spo/stages/synth.py", "spo/data/synthetic.py", "spo/data/pickapic.py", "spo/utils.py"),
-        options=(Option("--force", "regenerate even if the data is up to date", is_flag=True, default=False),),
+        options=(
+            Option("--force", "regenerate even if the data is up to date", is_flag=True, default=False),
+        ),
         tiny_only=True,
     ),
     StageSpec(
@@ -288,14 +297,16 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         "train_spo",
         cli="train",
-        help="SPO LoRA fine-tuning (models/spo/lora/)",
-        sections=("model", "spo"),
-        reads=("prepared", "base_model", "spm_model"),
+        help="SPO LoRA fine-tuning (models/spo/lora/); --method dpo: the Diffusion-DPO baseline",
+        sections=("model", "spo", "dpo"),
+        # raw_data: with spo.method=dpo it trains on the prepared pairs, whose images live in the source.
+        reads=("prepared", "raw_data", "base_model", "spm_model"),
         writes=("lora",),
         reports=("spo_summary", "spo_curves"),
         code=(
             "spo/stages/train_spo.py",
             "spo/spo_trainer.py",
+            "spo/dpo_trainer.py",
             "spo/sampling.py",
             "spo/losses.py",
             "spo/models/lora.py",
@@ -306,7 +317,15 @@ STAGES: tuple[StageSpec, ...] = (
             "spo/utils.py",
         ),
         model_refs=("model.pretrained",),
-        options=(RESUME,),
+        options=(
+            RESUME,
+            Option(
+                "--method",
+                "spo (default: spo.method) or dpo, the Diffusion-DPO baseline",
+                metavar="spo|dpo",
+                sets="spo.method",
+            ),
+        ),
         retries=1,
         tags=("gpu",),
     ),
@@ -438,5 +457,7 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("SPM training loss", "step", {"spm_curves": ("loss",)}),
     PlotSpec("SPO training loss", "step", {"spo_curves": ("loss",)}),
     PlotSpec("SPO kept-pair fraction", "step", {"spo_curves": ("kept_fraction",)}),
-    PlotSpec("Evaluation gain (SPO - base)", "diff_mean", {"eval_diffs": ("scorer",)}, template="bar_horizontal"),
+    PlotSpec(
+        "Evaluation gain (SPO - base)", "diff_mean", {"eval_diffs": ("scorer",)}, template="bar_horizontal"
+    ),
 )

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from spo.losses import select_pairs
+from spo.losses import Selection, select_pairs
 from spo.utils import get_logger
 
 log = get_logger(__name__)
@@ -243,6 +243,26 @@ class SamplerStats:
         return self.comparisons_kept / self.comparisons if self.comparisons else 0.0
 
 
+CONTINUE_FROM = ("random", "winner", "loser")
+PAIR_CHOICES = ("best_worst", "random")
+
+
+def select_random_pairs(scores: torch.Tensor, threshold: float, generator: torch.Generator) -> Selection:
+    """Two distinct uniformly random candidates per row of ``scores`` (B, k), the higher-scored one the winner,
+    kept under the same softmax-gap rule as :func:`spo.losses.select_pairs` (paper Table 9's "random pair")."""
+    b, k = scores.shape
+    first = torch.randint(0, k, (b,), generator=generator)
+    second = (first + torch.randint(1, k, (b,), generator=generator)) % k  # uniform over the other k - 1
+    first, second = first.to(scores.device), second.to(scores.device)
+    rows = torch.arange(b, device=scores.device)
+    s1, s2 = scores[rows, first], scores[rows, second]
+    first_wins = s1 >= s2
+    win, lose = torch.where(first_wins, first, second), torch.where(first_wins, second, first)
+    p = torch.softmax(torch.stack([scores[rows, win], scores[rows, lose]], dim=1).float(), dim=1)
+    gap = p[:, 0] - p[:, 1]
+    return Selection(win=win, lose=lose, keep=gap > threshold, gap=gap)
+
+
 def branches_at_last_step(spo_cfg, arch: str) -> bool:
     """``spo.branch_at_last_step``, or the official samplers' rule when unset: the SD-1.5 sampler branches at
     the last step (judged on x0 at t = 0); the SDXL (MSPO) sampler never does -- the chains in progress take
@@ -266,7 +286,7 @@ class CandidateSampler:
     4. best and worst candidates form a pair if p_best − p_worst > threshold (softmax over their two scores),
        and every transition of their chains with nominal t ≤ κ becomes a training pair;
     5. sampling continues from a uniformly random candidate (continuing from the winner collapses training,
-       paper Table 4).
+       paper Table 4; ``continue_from`` and ``pair_choice`` exist for the paper's ablations).
 
     "Nominal" timestep = t − ``steps_offset``: SD's 20-step schedule has t = 951, 901, …, 1 for the paper's
     grid 950, 900, …, 0, so κ = 750 admits t = 751 (what ``divert_start_step = 4`` gives).
@@ -289,6 +309,9 @@ class CandidateSampler:
         num_inner_steps: int = 1,
         decode_batch_size: int | None = None,
         branch_at_last_step: bool = True,
+        min_timestep: int = 0,
+        continue_from: str = "random",
+        pair_choice: str = "best_worst",
     ):
         if num_candidates < 2:
             raise ValueError("num_candidates must be at least 2 to form a pair")
@@ -304,6 +327,14 @@ class CandidateSampler:
         self.num_inner_steps = num_inner_steps
         self.decode_batch_size = decode_batch_size
         self.branch_at_last_step = branch_at_last_step
+        self.min_timestep = min_timestep
+        if continue_from not in CONTINUE_FROM or pair_choice not in PAIR_CHOICES:
+            raise ValueError(
+                f"continue_from must be one of {CONTINUE_FROM} and pair_choice one of {PAIR_CHOICES} "
+                f"(got {continue_from!r}, {pair_choice!r})"
+            )
+        self.continue_from = continue_from
+        self.pair_choice = pair_choice
 
     @classmethod
     def from_config(cls, adapter, scorer: StepScorer, spo_cfg) -> CandidateSampler:
@@ -320,6 +351,9 @@ class CandidateSampler:
             num_inner_steps=spo_cfg.num_inner_steps,
             decode_batch_size=spo_cfg.sample_batch_size,
             branch_at_last_step=branches_at_last_step(spo_cfg, getattr(adapter, "arch", "sd15")),
+            min_timestep=getattr(spo_cfg, "min_timestep", 0),
+            continue_from=getattr(spo_cfg, "continue_from", "random"),
+            pair_choice=getattr(spo_cfg, "pair_choice", "best_worst"),
         )
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -331,7 +365,7 @@ class CandidateSampler:
         return int(t) - int(self.scheduler.config.get("steps_offset", 0) or 0)
 
     def trains_at(self, t: int) -> bool:
-        return self.nominal(t) <= self.kappa
+        return self.min_timestep <= self.nominal(t) <= self.kappa
 
     def _eps(self, unet, x, t, cond, uncond, stats: SamplerStats) -> torch.Tensor:
         guided = uncond is not None and self.cfg_scale > 1.0
@@ -426,7 +460,10 @@ class CandidateSampler:
             stats.candidates_scored += scores.numel()
             candidate_scores.append(scores.cpu())
             scores = scores.view(b, k)
-            sel = select_pairs(scores, self.threshold)
+            if self.pair_choice == "random":
+                sel = select_random_pairs(scores, self.threshold, generator)
+            else:
+                sel = select_pairs(scores, self.threshold)
             stats.comparisons += b
             stats.comparisons_kept += int(sel.keep.sum())
             keep = sel.keep.nonzero().flatten()
@@ -448,8 +485,11 @@ class CandidateSampler:
                     )
                 )
 
-            # Continue from a uniformly random candidate.
-            choice = torch.randint(0, k, (b,), generator=generator).to(device)
+            # Continue from a uniformly random candidate (or, for the paper's ablations, the winner or loser).
+            if self.continue_from == "random":
+                choice = torch.randint(0, k, (b,), generator=generator).to(device)
+            else:
+                choice = (sel.win if self.continue_from == "winner" else sel.lose).to(device)
             x = cur.view(b, k, *cur.shape[1:])[rows, choice]
             eps = None if eps_next is None else eps_next.view(b, k, *eps_next.shape[1:])[rows, choice]
             if i >= n:

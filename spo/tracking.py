@@ -515,6 +515,23 @@ def pipeline_run(
         tracker.set_tags({k: v for k, v in lineage_tags(cfg, "pipeline").items() if k.startswith("lineage.")})
 
 
+@contextlib.contextmanager
+def group_run(cfg: Any, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+    """A run that groups the runs opened inside it (a sweep, one variant of a sweep), nested under the
+    enclosing group or pipeline run when there is one."""
+    if not cfg.tracking.enabled or not _is_main_process():
+        yield active()
+        return
+    init_store(cfg)
+    parent = _PIPELINE_RUN[-1] if _PIPELINE_RUN else None
+    with _run(cfg, run_name, tags or {}, parent, system_metrics=False) as tracker:
+        _PIPELINE_RUN.append(tracker.run_id)
+        try:
+            yield tracker
+        finally:
+            _PIPELINE_RUN.pop()
+
+
 def pipeline_run_id() -> str | None:
     """The parent run of the pipeline running in this process, if any."""
     return _PIPELINE_RUN[-1] if _PIPELINE_RUN else None

@@ -166,11 +166,15 @@ class TimeConditionedCLIP(nn.Module):
         source: str | None = None,
         processor_source: str | None = None,
         resize_mode: str = "pil",
+        step_conditioned: bool = True,
     ):
         super().__init__()
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.resize_mode = resize_mode  # the image preprocessing the model was trained with
+        # False: every image is embedded as at t = 0, whatever timestep it comes with (the "SPM w/o step
+        # condition" ablation, paper Table 5); trained and used that way, saved in spm_config.json.
+        self.step_conditioned = step_conditioned
         self.clip = clip
         self.processor = processor
         self.time_embed_dim = time_embed_dim
@@ -244,6 +248,8 @@ class TimeConditionedCLIP(nn.Module):
     def image_features(self, pixel_values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixel values + timesteps -> normalised image embeddings (N, D)."""
         vision = self.clip.vision_model
+        if not self.step_conditioned:
+            timesteps = torch.zeros_like(torch.as_tensor(timesteps, device=pixel_values.device))
         temb = self.t_embedder(timesteps)
         h = vision.pre_layrnorm(vision.embeddings(pixel_values.to(self.clip.visual_projection.weight.dtype)))
         for layer, adaln in zip(vision.encoder.layers, self.block_adaln, strict=True):
@@ -380,6 +386,7 @@ def save_spm(
         "processor": model.processor_source,
         "time_embed_dim": model.time_embed_dim,
         "preprocess_resize": model.resize_mode,
+        "step_conditioned": model.step_conditioned,
         "clip_config": model.clip.config.to_dict(),
         **(extra_config or {}),
     }
@@ -444,6 +451,7 @@ def _load_saved_spm(path: Path) -> TimeConditionedCLIP:
             source=config.get("source_clip"),
             processor_source=config.get("processor"),
             resize_mode=config.get("preprocess_resize", "pil"),
+            step_conditioned=bool(config.get("step_conditioned", True)),
         )
     _load_state_strict(model, load_file(str(weights)), str(weights))
     return model

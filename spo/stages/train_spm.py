@@ -126,6 +126,7 @@ def _build_trainer(cfg, accelerator, train_stream, val_stream, checkpoints, time
     denoiser = PairDenoiser(base_model(cfg, device), spm.cfg_scale)
     processor = cfg.resolve_ref(spm.processor)
     model = TimeConditionedCLIP.from_clip(cfg.resolve_ref(spm.init), processor, spm.time_embed_dim)
+    model.step_conditioned = spm.step_conditioned
     model.enable_gradient_checkpointing(spm.gradient_checkpointing)
     model.to(device).train()
     relabeller = load_relabeller(cfg, processor, device) if spm.relabel else None

@@ -11,6 +11,11 @@ Outputs: ``models/spo/lora/pytorch_lora_weights.safetensors`` (stock diffusers f
 ``reports/spo_train_curves.csv`` (one row per optimizer step, for ``dvc plots``).
 
 Multi-GPU: ``accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m spo.cli train --preset sd15``.
+
+``spo train --method dpo`` (or ``spo.method: dpo``) trains the Diffusion-DPO baseline instead
+(:mod:`spo.dpo_trainer`, settings in the ``dpo`` section) on the prepared preference pairs, with the same LoRA,
+and writes the same outputs (the report with ``method: "dpo"``), so ``spo evaluate`` / ``spo register`` work
+unchanged. It needs no SPM.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class TrainSPOResult(StageResult):
     """What ``spo train`` returns and writes to ``reports/spo_train.json``."""
 
     stage: ClassVar[str] = "train_spo"
+    method: str = "spo"  # "spo" | "dpo" (spo.method)
     pairs_trained: int = 0
     pairs_kept: int = 0
     candidates_scored: int = 0
@@ -50,6 +56,9 @@ class TrainSPOResult(StageResult):
     pairs_per_optimizer_step: int = 0
     unet_samples_sampling: int = 0
     unet_samples_with_grad_per_pair: float | None = None
+    # UNet rows run in training, with grad (policy) and without (sampling + reference): matched compute.
+    unet_rows_with_grad: int = 0
+    unet_rows_no_grad: int = 0
     epochs: int = 0
     num_prompts: int = 0
     num_processes: int = 1
@@ -83,9 +92,14 @@ def read_train_prompts(cfg) -> list[str]:
 
 
 def load_scorer(cfg, device, dtype):
-    """The trained SPM from ``models/spm`` (or the released one when ``spm.source`` is ``pretrained:...``)."""
-    from spo.models.preference import RELEASED_SPM_FILES, load_spm
+    """The trained SPM from ``models/spm`` (or the released one when ``spm.source`` is ``pretrained:...``); with
+    ``spo.step_judge=plain``, the SPM's initial CLIP, which a fresh time-conditioned model scores exactly like."""
+    from spo.models.preference import RELEASED_SPM_FILES, TimeConditionedCLIP, load_spm
 
+    if cfg.spo.step_judge == "plain":
+        plain = TimeConditionedCLIP.from_clip(cfg.resolve_ref(cfg.spm.init), cfg.resolve_ref(cfg.spm.processor))
+        plain.step_conditioned = False
+        return plain.requires_grad_(False).to(device=device, dtype=dtype).eval()
     if artifact_path(cfg, "spm_model").exists():
         return load_spm(artifact_path(cfg, "spm_model"), device=device, dtype=dtype)
     if cfg.spm.source.startswith("pretrained:"):
@@ -105,6 +119,8 @@ def load_scorer(cfg, device, dtype):
 
 
 def spm_lineage(cfg) -> dict[str, Any]:
+    if cfg.spo.step_judge == "plain":
+        return {"step_judge": "plain", "source_clip": str(cfg.spm.init)}
     path = artifact_path(cfg, "spm_model")
     if not path.exists():
         return {"source": cfg.spm.source}
@@ -116,13 +132,19 @@ def spm_lineage(cfg) -> dict[str, Any]:
     return info
 
 
-def run(cfg, resume: str | None = None, scorer=None) -> TrainSPOResult:
+def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) -> TrainSPOResult:
     """Train the SPO LoRA; returns the result written to ``reports/spo_train.json``.
 
     ``scorer`` replaces the SPM loaded from ``models/spm`` (library use and tests; anything with
-    ``encode_text`` and ``score_with_text``, see :class:`spo.sampling.StepScorer`).
+    ``encode_text`` and ``score_with_text``, see :class:`spo.sampling.StepScorer`). ``method`` (``--method``)
+    overrides ``spo.method``: ``"dpo"`` trains the Diffusion-DPO baseline (:func:`run_dpo`).
     """
     from tqdm.auto import tqdm
+
+    if method is not None:
+        set_method(cfg, method)
+    if cfg.spo.method == "dpo":
+        return run_dpo(cfg, resume)
 
     from spo.models.diffusion import DiffusionAdapter, load_pipeline
 
@@ -156,9 +178,11 @@ def run(cfg, resume: str | None = None, scorer=None) -> TrainSPOResult:
     iters.close()
     epochs.close()
 
+    summary = trainer.finish()
     result = TrainSPOResult.from_dict(
         {
-            **trainer.finish(),
+            **summary,
+            **spo_unet_rows(summary, trainer.state.counters),
             "spm": spm_lineage(cfg),
             "base_model": str(cfg.model.pretrained),
             "arch": cfg.model.arch,
@@ -174,14 +198,17 @@ def run(cfg, resume: str | None = None, scorer=None) -> TrainSPOResult:
     return result
 
 
-def write_outputs(cfg, trainer: SPOTrainer, result: TrainSPOResult) -> None:
+def write_outputs(cfg, trainer, result: TrainSPOResult, curve_fields=CURVE_FIELDS) -> None:
     """The LoRA (with its training info), the curves CSV and the report; logged to the tracker."""
     info = {k: result[k] for k in ("base_model", "arch", "lora_rank", "lora_alpha", "config_hash", "spm")}
     info["resolution"] = cfg.spo_resolution
+    if result.method != "spo":
+        info["method"] = result.method
+        info["resolution"] = cfg.dpo.image_resolution or cfg.model.resolution
     lora_dir = artifact_path(cfg, "lora")
     extra = {artifact_path(cfg, "lora_info").name: json.dumps(info, indent=2) + "\n"}
     save_lora(trainer.base_unet, lora_dir, cfg.model.arch, extra_files=extra)
-    curves = CurveWriter(CURVE_FIELDS, trainer.state.curves).write(artifact_path(cfg, "spo_curves"))
+    curves = CurveWriter(curve_fields, trainer.state.curves).write(artifact_path(cfg, "spo_curves"))
     report = result.write(artifact_path(cfg, "spo_summary"))
     tracker = tracking.active()
     numbers = {
@@ -192,8 +219,76 @@ def write_outputs(cfg, trainer: SPOTrainer, result: TrainSPOResult) -> None:
     tracker.log_artifact(report)
     tracker.log_artifact(curves)
     log.info(
-        "SPO LoRA written to %s (%d optimizer steps, %d pairs trained)",
+        "%s LoRA written to %s (%d optimizer steps, %d pairs trained)",
+        result.method.upper(),
         lora_dir,
         result.optimizer_steps,
         result.pairs_trained,
     )
+
+
+def spo_unet_rows(summary: dict[str, Any], counters: dict[str, float]) -> dict[str, int]:
+    """SPO's UNet rows: the policy's with grad; without grad, the sampler's plus the reference's (as many as
+    the policy's, :meth:`spo.spo_trainer.SPOTrainer.pair_losses`)."""
+    with_grad = int(counters.get("unet_samples_training", 0))
+    return {
+        "unet_rows_with_grad": with_grad,
+        "unet_rows_no_grad": int(summary.get("unet_samples_sampling", 0)) + with_grad,
+    }
+
+
+# -- the Diffusion-DPO baseline (spo train --method dpo) -----------------------------------------------------
+def set_method(cfg, method: str) -> None:
+    """``--method``: set ``spo.method`` (validated like any config value)."""
+    from pydantic import ValidationError
+
+    try:
+        cfg.spo.method = method
+    except ValidationError:
+        raise SPOError(f"--method {method!r}: choose spo or dpo") from None
+
+
+def run_dpo(cfg, resume: str | None = None) -> TrainSPOResult:
+    """Train the Diffusion-DPO LoRA on the prepared preference pairs; the same outputs as SPO."""
+    from tqdm.auto import tqdm
+
+    from spo.dpo_trainer import CURVE_FIELDS as DPO_CURVE_FIELDS
+    from spo.dpo_trainer import SECTIONS as DPO_SECTIONS
+    from spo.dpo_trainer import DPOTrainer
+    from spo.dpo_trainer import make_accelerator as make_dpo_accelerator
+    from spo.models.diffusion import DiffusionAdapter, load_pipeline
+
+    started = time.time()
+    set_tf32(cfg.spo.allow_tf32)
+    acc = make_dpo_accelerator(cfg)
+    dtype = torch_dtype(cfg.model.dtype, acc.device.type)
+    pipe = load_pipeline(cfg.model, device=acc.device, dtype=dtype, cfg=cfg)
+    trainer = DPOTrainer(cfg, acc, DiffusionAdapter(pipe, cfg.dpo.image_resolution or cfg.model.resolution))
+    resumed = trainer.start(resume)
+    tracking.active().set_tags({"spo.method": "dpo"})  # --method may have overridden the logged spo.method
+    bar = tqdm(total=cfg.dpo.max_steps, initial=trainer.state.global_step, desc="DPO steps", disable=not trainer.main)
+
+    def progress(state) -> None:
+        loss = f"{state.curves[-1]['loss']:.4f}" if state.curves else "-"
+        bar.set_postfix(loss=loss, acc=f"{state.curves[-1]['implicit_acc']:.2f}" if state.curves else "-")
+        bar.n = state.global_step
+        bar.refresh()
+
+    trainer.train(progress)
+    bar.close()
+    result = TrainSPOResult.from_dict(
+        {
+            **trainer.finish(),
+            "spm": {"method": "dpo", "used": False},  # DPO trains on the preference labels, not an SPM
+            "base_model": str(cfg.model.pretrained),
+            "arch": cfg.model.arch,
+            "lora": str(artifact_path(cfg, "lora_weights")),
+            "config_hash": cfg.section_hash(*DPO_SECTIONS),
+            "resumed_from": str(resumed.path) if resumed else None,
+            "wall_time_s": round(time.time() - started, 1),
+        }
+    )
+    if trainer.main:
+        write_outputs(cfg, trainer, result, DPO_CURVE_FIELDS)
+    acc.wait_for_everyone()
+    return result

@@ -368,3 +368,29 @@ def test_stage_logs_reach_the_prefect_flow_run(first, project):
     spo_lines = [log for log in logs if log.name.startswith("spo.")]
     assert len(spo_lines) >= 5, sorted({log.name for log in logs})
     assert any(log.name == "spo.stages.train_spo" for log in spo_lines)
+
+
+def test_sweep_flow_publishes_its_table_as_an_artifact(first, project):
+    """`spo sweep --prefect`: the sweep runs as a flow on the pipeline's project (its data, base and SPM) and
+    its table becomes the flow run's markdown artifact. Last in the module: it adds runs to the store."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.sweep import spo_sweep
+
+    sweep = project["root"] / "sweeps" / "one.yaml"
+    sweep.parent.mkdir(exist_ok=True)
+    sweep.write_text("groups:\n  - name: lr\n    variants:\n      - {name: high, set: [spo.lr=0.01]}\n")
+    state = spo_sweep("one", "tiny", project["overrides"], None, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert [r["variant"] for r in summary["groups"][0]["rows"]] == ["high"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-one"]))
+        )
+    assert (
+        len(arts) == 1
+        and "| high |" in arts[0].data
+        and arts[0].flow_run_id == state.state_details.flow_run_id
+    )

@@ -185,3 +185,59 @@ def test_sampling_is_reproducible_from_the_generator(adapters):
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
     assert not torch.equal(a.prev_win, c.prev_win)
+
+
+# -- the paper's ablation switches (Tables 4, 8, 9) ------------------------------------------------------
+@pytest.mark.parametrize("continue_from", ["winner", "loser"])
+def test_continue_from_winner_or_loser_takes_that_candidate(adapters, continue_from):
+    adapter = adapters["sd15"]
+    scorer = PatternScorer([0.0, 5.0, 1.0, 3.0])  # candidate 1 wins, candidate 0 loses, every pool
+    b = 3
+    pairs, _ = _sampler(adapter, scorer, continue_from=continue_from).sample(
+        ["a red circle"] * b, torch.Generator().manual_seed(4)
+    )
+    nxt = pairs.xt_win[b:]  # x_t of every branching step after the first
+    previous = pairs.prev_win[:-b] if continue_from == "winner" else pairs.prev_lose[:-b]
+    other = pairs.prev_lose[:-b] if continue_from == "winner" else pairs.prev_win[:-b]
+    assert torch.equal(nxt, previous)
+    assert not (nxt == other).flatten(1).all(1).any()
+
+
+def test_min_timestep_keeps_branching_inside_the_range(adapters):
+    adapter = adapters["sd15"]
+    scorer = PatternScorer([0.0, 5.0, 1.0, 3.0])
+    sampler = _sampler(adapter, scorer, num_steps=10, divert_start_step=1, kappa=750, min_timestep=250)
+    pairs, stats = sampler.sample(["a red circle"] * 2, torch.Generator().manual_seed(5))
+    ts = [int(t) for t in adapter.scheduler.timesteps]  # 901, 801, ..., 1 (nominal t - 1)
+    eligible = [t for t in ts[1:] if 250 <= t - 1 <= 750]
+    assert eligible == [701, 601, 501, 401, 301]
+    assert stats.comparisons == 2 * len(eligible)
+    assert sorted(set(pairs.timesteps.tolist())) == eligible[::-1]
+    # The steps below the range are plain, so the final image is scored once per prompt, not per candidate.
+    assert scorer.calls[-1] == [0] * 2
+
+
+def test_random_pair_choice_orders_by_score_and_covers_every_pair():
+    from spo.losses import select_pairs
+    from spo.sampling import select_random_pairs
+
+    scores = torch.tensor([[0.0, 5.0, 1.0, 3.0]]).repeat(6000, 1)
+    sel = select_random_pairs(scores, 0.3, torch.Generator().manual_seed(0))
+    rows = torch.arange(len(scores))
+    assert (scores[rows, sel.win] > scores[rows, sel.lose]).all()
+    # Each of the C(4, 2) = 6 unordered pairs is drawn with probability 1/6.
+    pair_ids = (sel.win * 4 + sel.lose).tolist()
+    counts = torch.bincount(torch.tensor(pair_ids), minlength=16).float()
+    drawn = counts[counts > 0]
+    assert len(drawn) == 6 and ((drawn / len(scores) - 1 / 6).abs() < 0.02).all()
+    # The keep rule is the best/worst rule applied to the drawn pair: a two-way softmax over scores that
+    # differ by d gives p_win - p_lose = tanh(d / 2) (e.g. scores 1 vs 0: 0.46 > 0.3, kept).
+    gap = torch.tanh((scores[rows, sel.win] - scores[rows, sel.lose]) / 2)
+    assert torch.allclose(sel.gap, gap, atol=1e-6) and torch.equal(sel.keep, gap > 0.3)
+    best = select_pairs(scores[:1], 0.3)
+    assert (best.win, best.lose) == (torch.tensor([1]), torch.tensor([0]))
+
+
+def test_sampler_refuses_unknown_ablation_settings(adapters):
+    with pytest.raises(ValueError, match="continue_from"):
+        _sampler(adapters["sd15"], PatternScorer([0.0, 1.0]), continue_from="best")

@@ -64,6 +64,20 @@ def test_time_conditioning_changes_scores_once_trained(clip_dir, images):
     torch.testing.assert_close(s9, s9b)
 
 
+def test_without_step_condition_every_t_scores_as_t0_and_survives_save(clip_dir, images, tmp_path):
+    spm = TimeConditionedCLIP.from_clip(str(clip_dir), time_embed_dim=32).eval()
+    perturb_time_conditioning(spm)  # a trained-looking modulation: t would matter if it were seen
+    with torch.no_grad():
+        at_zero = spm.score(images, PROMPTS, torch.zeros(4, dtype=torch.long))
+        spm.step_conditioned = False
+        at_900 = spm.score(images, PROMPTS, torch.full((4,), 900))
+    torch.testing.assert_close(at_900, at_zero)
+    loaded = load_spm(save_spm(spm, tmp_path / "spm"))
+    assert loaded.step_conditioned is False
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(images, PROMPTS, torch.full((4,), 500)), at_zero)
+
+
 def test_score_with_text_and_pair_forward_agree_with_score(clip_dir, images):
     spm = TimeConditionedCLIP.from_clip(str(clip_dir), time_embed_dim=32).eval()
     perturb_time_conditioning(spm)
