@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from spo import tracking
 from spo.errors import SPOError
 from spo.pipeline_spec import artifact_path
+from spo.progress import tqdm
 from spo.training import NonFiniteGuard, warmup_schedule
 from spo.utils import atomic_write_bytes
 

@@ -1,7 +1,7 @@
 """The ``spo`` command. Each stage command resolves the config and calls ``spo.stages.<stage>.run``.
 
 The stage commands, their help and options come from :data:`spo.pipeline_spec.STAGES`; ``config``,
-``pipeline``, ``generate``, ``export`` and ``dvc-yaml`` are written out here.
+``pipeline``, ``generate``, ``export``, ``sweep``, ``plan`` and ``dvc-yaml`` are written out here.
 
 Heavy libraries are imported inside the commands so that ``spo --help`` answers at once.
 """
@@ -35,6 +35,7 @@ examples:
   spo evaluate --preset sd15 --lora SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA
   spo generate --model models:/spo-tiny@champion "a red circle on a blue background" -o out.png
   spo sweep paper-ablations --only next-step-init  # variants x seeds of train + evaluate, one table
+  spo plan --preset sd15 --gpus 4 --gpu a100      # FLOPs per stage (ours vs official) and GPU hours
 """
 
 
@@ -149,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "plan",
+        help="FLOPs per stage (ours vs the official algorithm) and projected GPU hours; runs nothing",
+        description="Count the work of each stage for this config: UNet rows, VAE decodes and SPM forwards per "
+        "prompt and per pair, FLOPs per call counted on the meta device from the real architectures, and the "
+        "wall-clock on N GPUs at a stated MFU, next to the official algorithm's FLOPs (spo/plan.py).",
+    )
+    _add_config_args(p)
+    from spo.plan import DEFAULT_KEPT_FRACTION, GPU_PEAK_TFLOPS
+
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
+    p.add_argument("--gpu", choices=sorted(GPU_PEAK_TFLOPS), default="h100", help="GPU kind (default: %(default)s)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default: %(default)s)")
+    p.add_argument(
+        "--kept-fraction",
+        type=float,
+        default=DEFAULT_KEPT_FRACTION,
+        help="share of comparisons whose pair passes spo.threshold (default: %(default)s, paper scale)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
         "dvc-yaml",
         help="print dvc.yaml as generated from the stage graph (spo dvc-yaml > dvc.yaml)",
         description="Print dvc.yaml as generated from spo/pipeline_spec.py; --check compares it with a file.",
@@ -174,6 +196,7 @@ def _dispatch(args: argparse.Namespace) -> Any:
         "generate": _cmd_generate,
         "export": _cmd_export,
         "sweep": _cmd_sweep,
+        "plan": _cmd_plan,
     }
     return handlers[args.command](args)
 
@@ -215,6 +238,21 @@ def _cmd_sweep(args: argparse.Namespace) -> Any:
         "table": str(cfg.paths.root / "reports" / "sweeps" / summary["name"] / "table.md"),
         **_headline(summary),
     }
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from spo.plan import format_plan, make_plan, per_call_flops
+
+    cfg = load_config(args.preset, args.overrides, args.params)
+    try:
+        plan = make_plan(cfg, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, kept_fraction=args.kept_fraction)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    calls = per_call_flops(cfg)
+    if args.json:
+        print(json.dumps({**plan, "per_call_flops": calls}, indent=2))
+    else:
+        print(format_plan(plan, calls))
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def score_files(
     scorer, paths: Sequence[Path], prompts: Sequence[str], batch_size: int, desc: str
 ) -> np.ndarray:
     from PIL import Image
-    from tqdm.auto import tqdm
+
+    from spo.progress import tqdm
 
     out = []
     for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", leave=False):

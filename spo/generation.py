@@ -199,7 +199,7 @@ def generate_missing(
     pipe, cache: ImageCache, jobs: Sequence[Job], proto: dict[str, Any], batch_size: int
 ) -> int:
     """Generate the images of ``jobs`` that ``cache`` lacks; returns how many were generated."""
-    from tqdm.auto import tqdm
+    from spo.progress import tqdm
 
     todo = cache.missing(jobs)
     if not todo:

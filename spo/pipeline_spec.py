@@ -404,6 +404,7 @@ PLUMBING: tuple[str, ...] = (
     "spo/hub.py",
     "spo/tracking.py",
     "spo/lock.py",
+    "spo/progress.py",
     "spo/data/__init__.py",
     "spo/models/__init__.py",
 )

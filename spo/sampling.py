@@ -388,7 +388,7 @@ class CandidateSampler:
         self, prompts: list[str], generator: torch.Generator, unet=None, progress: bool = False
     ) -> tuple[PairBatch | None, SamplerStats]:
         """Sample one trajectory per prompt and return the kept training pairs (None if none) and stats."""
-        from tqdm.auto import tqdm
+        from spo.progress import tqdm
 
         adapter, sched, k = self.adapter, self.scheduler, self.k
         unet = unet if unet is not None else adapter.unet

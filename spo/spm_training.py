@@ -442,7 +442,7 @@ class SPMTrainer:
 
     def fit(self) -> float:
         """Train to ``spm.max_steps``; returns the training seconds (evaluation and checkpoints excluded)."""
-        from tqdm.auto import tqdm
+        from spo.progress import tqdm
 
         spm, state, acc = self.cfg.spm, self.state, self.acc
         bar = tqdm(total=spm.max_steps, initial=state.step, desc="train-spm", unit="step",

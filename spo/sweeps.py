@@ -498,9 +498,8 @@ def run_sweep(
     project: Config, name: str, only: list[str] | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Run sweep ``name`` (a file or ``sweeps/<name>.yaml``) on the project ``project``; returns the summary."""
-    from tqdm.auto import tqdm
-
     from spo import tracking
+    from spo.progress import tqdm
 
     path = find_sweep(name, project.paths.root)
     spec = load_sweep(path)

@@ -48,7 +48,7 @@ def setup_logging(level: int | str = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     # Libraries that are chatty at INFO.
-    for noisy in ("httpx", "urllib3", "alembic", "great_expectations", "filelock", "asyncio"):
+    for noisy in ("httpx", "urllib3", "alembic", "great_expectations", "filelock", "asyncio", "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

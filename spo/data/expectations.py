@@ -412,7 +412,7 @@ class SourceValidator:
         return self.run_suite(split, "schema", schema_frame(schemas), "schema")
 
     def check_values(self, split: str, meta: pa.Table) -> bool:
-        from tqdm.auto import tqdm
+        from spo.progress import tqdm
 
         recount = examples_per_caption(meta.column("caption"))
         ok = True

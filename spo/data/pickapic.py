@@ -293,7 +293,7 @@ def read_metadata(
     source: ParquetSource, split: str, batch_rows: int, columns: Iterable[str] = METADATA_COLUMNS
 ) -> pa.Table:
     """The metadata columns of a whole split (no image bytes) plus ``source_file`` / ``source_row``."""
-    from tqdm.auto import tqdm
+    from spo.progress import tqdm
 
     columns = list(columns)
     batches = []

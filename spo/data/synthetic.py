@@ -366,9 +366,9 @@ def _render_pair(scene: Scene, identical: bool, cfg: SyntheticConfig, rng: np.ra
 def generate_split(split: str, n_rows: int, cfg: SyntheticConfig, split_index: int):
     """One split as a pyarrow Table in the Pick-a-Pic schema (rows already shuffled)."""
     import pyarrow as pa
-    from tqdm.auto import tqdm
 
     from spo.data.pickapic import PICKAPIC_SCHEMA
+    from spo.progress import tqdm
 
     rng = np.random.default_rng([cfg.seed, split_index])
     unique = split.endswith("_unique")

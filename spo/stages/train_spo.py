@@ -139,7 +139,7 @@ def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) 
     ``encode_text`` and ``score_with_text``, see :class:`spo.sampling.StepScorer`). ``method`` (``--method``)
     overrides ``spo.method``: ``"dpo"`` trains the Diffusion-DPO baseline (:func:`run_dpo`).
     """
-    from tqdm.auto import tqdm
+    from spo.progress import tqdm
 
     if method is not None:
         set_method(cfg, method)
@@ -250,13 +250,12 @@ def set_method(cfg, method: str) -> None:
 
 def run_dpo(cfg, resume: str | None = None) -> TrainSPOResult:
     """Train the Diffusion-DPO LoRA on the prepared preference pairs; the same outputs as SPO."""
-    from tqdm.auto import tqdm
-
     from spo.dpo_trainer import CURVE_FIELDS as DPO_CURVE_FIELDS
     from spo.dpo_trainer import SECTIONS as DPO_SECTIONS
     from spo.dpo_trainer import DPOTrainer
     from spo.dpo_trainer import make_accelerator as make_dpo_accelerator
     from spo.models.diffusion import DiffusionAdapter, load_pipeline
+    from spo.progress import tqdm
 
     started = time.time()
     set_tf32(cfg.spo.allow_tf32)

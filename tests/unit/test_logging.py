@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -36,3 +37,38 @@ def test_log_records_reach_the_current_stderr_after_it_was_swapped(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "I/O operation on closed file" not in proc.stdout + proc.stderr
+
+
+def test_known_library_noise_is_dropped_and_other_warnings_are_not(caplog):
+    import logging
+
+    import spo
+
+    caplog.set_level(logging.WARNING)
+    fallback = logging.getLogger("transformers.utils.import_utils")
+    fallback.warning("`SiglipImageProcessor` requires torchvision (not installed); falling back to `X`.")
+    fallback.warning("something else from transformers")
+    lora = logging.getLogger("diffusers.loaders.lora_base")
+    lora.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else from transformers"]
+    assert set(spo.KNOWN_NOISE) == {"transformers.utils.import_utils", "diffusers.loaders.lora_base"}
+
+
+def test_progress_bars_become_a_few_log_lines_off_a_terminal(caplog, monkeypatch):
+    import logging
+
+    from spo.progress import tqdm
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, not a terminal
+    monkeypatch.setenv("SPO_PROGRESS_INTERVAL", "3600")
+    caplog.set_level(logging.INFO, logger="spo.progress")
+    for _ in tqdm(range(500), desc="outer"):
+        for _ in tqdm(range(3), desc="inner", leave=False):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "spo.progress"]
+    written = sys.stderr.getvalue()  # what reaches the log file: only the log lines, if a handler is set
+    assert "\r" not in written and "\x1b" not in written and "inner" not in written
+    assert all("inner" not in line for line in lines)
+    assert len(lines) <= 3 and lines[-1].startswith("outer: 100%") and "500/500" in lines[-1]
+    assert all("\r" not in line and "\x1b" not in line for line in lines)

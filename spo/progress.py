@@ -1,0 +1,45 @@
+"""Progress bars: tqdm on a terminal; in a log (stderr not a TTY: CI, a Prefect worker, ``make run > log``) no
+redraws -- an outer bar becomes one plain log line at most every ``SPO_PROGRESS_INTERVAL`` seconds (default
+30) and at its end, and inner bars (``leave=False``: per-iteration sampling steps, eval batches) stay silent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+from tqdm.auto import tqdm as _tqdm
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+log = logging.getLogger("spo.progress")
+
+
+def log_interval() -> float:
+    return float(os.environ.get("SPO_PROGRESS_INTERVAL", "30"))
+
+
+class _LogLines:
+    """A file for tqdm that turns each refresh into one log line (carriage returns and cursor codes dropped)."""
+
+    def write(self, text: str) -> None:
+        line = _ANSI.sub("", text).replace("\r", "").strip()
+        if line:
+            log.info(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def _on_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+class tqdm(_tqdm):  # noqa: N801 -- a drop-in for tqdm.auto.tqdm
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("file") is None and not _on_terminal():
+            if kwargs.get("leave", True) is False:
+                kwargs["disable"] = True
+            elif not kwargs.get("disable"):
+                kwargs.update(file=_LogLines(), ascii=True, mininterval=log_interval(), disable=False)
+        super().__init__(*args, **kwargs)
