@@ -38,10 +38,11 @@ import torch
 from spo import tracking
 from spo.errors import SPOError
 from spo.losses import DPOLossOutput, diffusion_dpo_loss
-from spo.models.lora import LORA_WEIGHT_NAME, add_lora, load_lora_into, reference_unet, write_lora
+from spo.models.lora import reference_unet
 from spo.pipeline_spec import artifact_path
 from spo.training import CheckpointManager, NonFiniteGuard, RunIdentity, require_sane, seed_generator
 from spo.training.checkpoints import Resumed
+from spo.training.lora_policy import prepare_lora_policy
 from spo.utils import effective_mixed_precision, get_logger, require_path
 
 log = get_logger(__name__)
@@ -160,8 +161,6 @@ class DPOTrainer:
     """The policy (LoRA UNet), optimizer, pair stream, checkpoints and run state; see the module docstring."""
 
     def __init__(self, cfg, accelerator, adapter, stream=None):
-        from diffusers.optimization import get_scheduler
-
         self.cfg, self.dcfg = cfg, cfg.dpo
         self.accelerator = accelerator
         self.adapter = adapter
@@ -179,28 +178,21 @@ class DPOTrainer:
                 f"dpo.batch_size={self.dcfg.batch_size} x {self.world} process(es); lower dpo.batch_size or "
                 "prepare more data."
             )
-        unet = adapter.unet
-        # The LoRA's gaussian init draws from the global RNG: seed it here, without side effects elsewhere.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.dcfg.seed)
-            self.params = add_lora(unet, cfg.spo.lora_rank, cfg.spo.lora_alpha)
-        if self.dcfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        optimizer = torch.optim.AdamW(
-            self.params,
+        policy = prepare_lora_policy(
+            accelerator,
+            adapter,
+            rank=cfg.spo.lora_rank,
+            alpha=cfg.spo.lora_alpha,
+            seed=self.dcfg.seed,
             lr=self.dcfg.lr,
             betas=(self.dcfg.adam_beta1, self.dcfg.adam_beta2),
             weight_decay=self.dcfg.adam_weight_decay,
             eps=self.dcfg.adam_eps,
+            warmup_steps=self.dcfg.warmup_steps,
+            gradient_checkpointing=self.dcfg.gradient_checkpointing,
         )
-        lr_scheduler = get_scheduler(
-            "constant_with_warmup", optimizer=optimizer, num_warmup_steps=self.dcfg.warmup_steps
-        )
-        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        self.base_unet = accelerator.unwrap_model(self.unet)
-        accelerator.register_save_state_pre_hook(self._save_hook)
-        accelerator.register_load_state_pre_hook(self._load_hook)
+        self.unet, self.base_unet, self.params = policy.unet, policy.base_unet, policy.params
+        self.optimizer, self.lr_scheduler = policy.optimizer, policy.lr_scheduler
 
         self.num_train_timesteps = int(adapter.scheduler.config.num_train_timesteps)
         self.guard = NonFiniteGuard(self.dcfg.max_consecutive_nonfinite, "DPO", NONFINITE_HINT)
@@ -217,18 +209,6 @@ class DPOTrainer:
         # This process's counts since the last step was accounted: UNet rows (policy with grad, reference
         # without), VAE encodes, masked pairs; summed over the processes at each step.
         self._rows = {"unet_rows_with_grad": 0, "unet_rows_no_grad": 0, "vae_encoded_images": 0, "pairs_masked": 0}
-
-    # -- accelerate checkpoint hooks: only the LoRA, in diffusers format -----------------------------------
-    def _save_hook(self, models, weights, output_dir):
-        if self.accelerator.is_main_process:
-            write_lora(self.base_unet, output_dir, self.adapter.arch)
-        while weights:
-            weights.pop()
-
-    def _load_hook(self, models, input_dir):
-        load_lora_into(self.base_unet, Path(input_dir) / LORA_WEIGHT_NAME)
-        while models:
-            models.pop()
 
     # -- one pair batch: 1 policy forward + 1 reference forward on [x_t^w; x_t^l] ---------------------------
     def pair_losses(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[DPOLossOutput, torch.Tensor]:

@@ -39,11 +39,12 @@ import torch
 from spo import tracking
 from spo.errors import SPOError
 from spo.losses import SPOLossOutput, spo_loss
-from spo.models.lora import LORA_WEIGHT_NAME, add_lora, load_lora_into, reference_unet, write_lora
+from spo.models.lora import reference_unet
 from spo.pipeline_spec import artifact_path
 from spo.sampling import CandidateSampler, PairBatch, SamplerStats, ddim_step_with_logprob
 from spo.training import CheckpointManager, NonFiniteGuard, RunIdentity, require_sane, seed_generator
 from spo.training.checkpoints import Resumed
+from spo.training.lora_policy import prepare_lora_policy
 from spo.utils import effective_mixed_precision, get_logger
 
 log = get_logger(__name__)
@@ -182,36 +183,27 @@ class SPOTrainer:
     """
 
     def __init__(self, cfg, accelerator, adapter, scorer, prompts: list[str] | tuple[str, ...] = ()):
-        from diffusers.optimization import get_scheduler
-
         self.cfg, self.scfg = cfg, cfg.spo
         self.accelerator = accelerator
         self.adapter = adapter
         self.prompts = list(prompts)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.main = accelerator.is_main_process
-        unet = adapter.unet
-        # The LoRA's gaussian init draws from the global RNG: seed it here, without side effects elsewhere.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.scfg.seed)
-            self.params = add_lora(unet, self.scfg.lora_rank, self.scfg.lora_alpha)
-        if self.scfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        optimizer = torch.optim.AdamW(
-            self.params,
+        policy = prepare_lora_policy(
+            accelerator,
+            adapter,
+            rank=self.scfg.lora_rank,
+            alpha=self.scfg.lora_alpha,
+            seed=self.scfg.seed,
             lr=self.scfg.lr,
             betas=(self.scfg.adam_beta1, self.scfg.adam_beta2),
             weight_decay=self.scfg.adam_weight_decay,
             eps=self.scfg.adam_eps,
+            warmup_steps=self.scfg.lr_warmup_steps,
+            gradient_checkpointing=self.scfg.gradient_checkpointing,
         )
-        lr_scheduler = get_scheduler(
-            "constant_with_warmup", optimizer=optimizer, num_warmup_steps=self.scfg.lr_warmup_steps
-        )
-        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        self.base_unet = accelerator.unwrap_model(self.unet)
-        accelerator.register_save_state_pre_hook(self._save_hook)
-        accelerator.register_load_state_pre_hook(self._load_hook)
+        self.unet, self.base_unet, self.params = policy.unet, policy.base_unet, policy.params
+        self.optimizer, self.lr_scheduler = policy.optimizer, policy.lr_scheduler
 
         # The unconditional (empty-prompt) embedding: the same for every prompt, encoded once.
         self.uncond = adapter.encode_prompts([""])[1]
@@ -233,18 +225,6 @@ class SPOTrainer:
         self.state = SPOState()
         self.tracker = tracking.active()
         self._order: tuple[int, list[int]] | None = None
-
-    # -- accelerate checkpoint hooks: only the LoRA, in diffusers format -----------------------------------
-    def _save_hook(self, models, weights, output_dir):
-        if self.accelerator.is_main_process:
-            write_lora(self.base_unet, output_dir, self.adapter.arch)
-        while weights:
-            weights.pop()
-
-    def _load_hook(self, models, input_dir):
-        load_lora_into(self.base_unet, Path(input_dir) / LORA_WEIGHT_NAME)
-        while models:
-            models.pop()
 
     # -- one pair batch: 1 policy forward + 1 reference forward ---------------------------------------------
     def _uncond_rows(self, n: int):

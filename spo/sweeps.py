@@ -396,6 +396,10 @@ def _plain(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _executed(summary: dict[str, Any]) -> int:
+    return sum(not r["cached"] for r in summary.get("runs", []))
+
+
 def render_table(name: str, spec: SweepSpec, summary: dict[str, Any], seconds: float) -> str:
     metric = summary["metric"]
     lines = [f"# Sweep `{name}`", "", spec.description.strip(), ""]
@@ -404,7 +408,9 @@ def render_table(name: str, spec: SweepSpec, summary: dict[str, Any], seconds: f
         f"every variant), pooled over seeds {summary['seeds']} with a 95 % CI that resamples prompts; 'per seed' "
         "lists each training seed's gain. The paper column is the published "
         f"{spec.paper_metric or 'number'} and its gain over the paper's base ({spec.paper_base}). "
-        f"UNet rows: training UNet work in forward-row equivalents. Wall time {seconds / 60:.1f} min."
+        "UNet rows: training UNet work in forward-row equivalents (no-grad rows + 3 x rows with grad). "
+        f"This call: {seconds / 60:.1f} min, {_executed(summary)} of {len(summary.get('runs', []))} runs "
+        "executed (the others reused an identical finished run)."
     )
     for group in summary["groups"]:
         lines += ["", f"## {group['name']}: {group['title']}", ""]
@@ -463,7 +469,8 @@ def plot_gains(summary: dict[str, Any], path: Path) -> None:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_title(group["name"], fontsize=9)
-    axes[0][0].set_ylabel(f"{metric} gain (pooled, 95 % CI; dots: seeds)")
+    axes[0][0].set_ylabel(f"{metric} gain over the base")
+    fig.suptitle("seeds pooled with 95 % CI (blue); each training seed (orange)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
