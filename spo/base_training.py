@@ -106,6 +106,32 @@ def train_vae(vae, pixels: torch.Tensor, cfg, gen: torch.Generator) -> float:
     return loss
 
 
+def train_tiny_decoder(tiny, vae, pixels: torch.Tensor, cfg, gen: torch.Generator) -> float:
+    """Distil the tiny autoencoder's decoder from the trained VAE's decoder (both take the scaled latents).
+
+    The SPM judges decoded x̂0, which at high noise lies off the clean-latent manifold, so half of each batch is
+    the clean posterior sample and half that sample plus Gaussian noise of a random scale in [0, 1)."""
+    scale = float(vae.config.scaling_factor)
+
+    def loss_fn(idx):
+        with torch.no_grad():
+            z = vae.encode(pixels[idx]).latent_dist.sample(gen) * scale
+            half = z.shape[0] // 2
+            sigma = torch.rand(z.shape[0] - half, 1, 1, 1, generator=gen)
+            z = torch.cat([z[:half], z[half:] + sigma * torch.randn(z[half:].shape, generator=gen)])
+            target = vae.decode(z / scale).sample.clamp(-1, 1)
+        out = tiny.decode(z).sample
+        return F.l1_loss(out, target) + F.mse_loss(out, target)
+
+    tiny.train()
+    loss = train_loop("tiny_decoder", tiny.decoder.parameters(), cfg.base.tiny_decoder_steps,
+                      cfg.base.tiny_decoder_lr, loss_fn,
+                      _batches(len(pixels), cfg.base.vae_batch_size, cfg.base.tiny_decoder_steps, gen), cfg,
+                      "base.tiny_decoder_lr")
+    tiny.eval()
+    return loss
+
+
 def train_unet(pipe, pixels: torch.Tensor, captions: list[str], cfg, gen: torch.Generator) -> float:
     vae, unet, text_encoder, tokenizer, sched = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     scale = vae.config.scaling_factor

@@ -181,6 +181,9 @@ class BaseTrainConfig(Section):
     num_images: int = Field(2000, ge=1)
     sample_steps: int = Field(20, ge=1)
     max_consecutive_nonfinite: int = Field(5, ge=1)  # non-finite losses in a row before a phase aborts
+    # The tiny autoencoder decoder (spm.decoder=tiny) distilled from the trained tiny VAE's decoder.
+    tiny_decoder_steps: int = Field(600, ge=0)
+    tiny_decoder_lr: float = Field(2e-3, gt=0)
 
 
 class SPMConfig(Section):
@@ -227,6 +230,12 @@ class SPMConfig(Section):
     # logged with row ids, listed in spm_metrics.json) and fails once more than max_bad_pairs (per process) are bad.
     on_bad_image: Literal["fail", "skip"] = "fail"
     max_bad_pairs: int = Field(100, ge=0)
+    # How x̂0 latents become the images the SPM judges, in SPM training and in SPO sampling: "vae", the base
+    # model's VAE decoder (the paper), or "tiny", a tiny autoencoder decoder (diffusers AutoencoderTiny: TAESD for
+    # SD-1.5, TAESDXL for SDXL, ``tiny_decoder``) at a fraction of the FLOPs. An SPM is used with the decoder it was
+    # trained with (saved with it; a mismatch is an error). Evaluation always decodes with the VAE.
+    decoder: Literal["vae", "tiny"] = "vae"
+    tiny_decoder: str = "madebyollin/taesd"
     # False: the SPM never sees the timestep (every image is scored as if t = 0, in training and in SPO) --
     # the paper's "SPM w/o step condition" ablation (Table 5). Saved with the model.
     step_conditioned: bool = True
@@ -445,6 +454,7 @@ REF_KEYS: tuple[str, ...] = (
     "spm.init",
     "spm.processor",
     "spm.relabel_model",
+    "spm.tiny_decoder",
     "eval.lora",
     "eval.pickscore_model",
     "eval.pickscore_processor",

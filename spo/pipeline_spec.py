@@ -71,6 +71,7 @@ _ARTIFACT_LIST: tuple[Artifact, ...] = (
     Artifact("base_model", "models/base", lineage="base", description="diffusers folder of the base model"),
     Artifact("base_clip", "clip", parent="base_model", description="the tiny CLIP (SPM init, text encoder)"),
     Artifact("base_info", "spo_base.json", parent="base_model"),
+    Artifact("base_tiny_decoder", "tiny_decoder", parent="base_model", description="spm.decoder=tiny's decoder"),
     Artifact("base_report", "reports/base_train.json", kind="metrics", cache=False),
     Artifact("base_samples", "reports/base_samples.png", cache=False),
     # -- prepare ---------------------------------------------------------------------------------------

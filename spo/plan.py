@@ -262,8 +262,12 @@ def _clip_flops(kind: str, which: str, resolution: int, time_embed_dim: int) -> 
 
 
 def _disk_cached(name: str, key: tuple, compute) -> dict[str, int]:
-    """Per-call counts depend only on architecture + resolution: kept in ~/.cache/spo/plan_flops.json."""
+    """Per-call counts depend only on architecture + resolution: kept in ~/.cache/spo/plan_flops.json. The tiny
+    preset's are counted afresh (instant, and its architectures live in this repository's code, which changes)."""
     import torch
+
+    if key and key[0] == "tiny":
+        return compute(*key)
 
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spo"
     path = root / "plan_flops.json"
@@ -287,6 +291,35 @@ def _disk_cached(name: str, key: tuple, compute) -> dict[str, int]:
 def diffusion_flops(cfg, resolution: int) -> dict[str, int]:
     key = ("tiny" if cfg.is_tiny else "real", cfg.model.arch, int(resolution), int(cfg.spo.lora_rank))
     return _disk_cached("diffusion", key, _diffusion_flops)
+
+
+@cache
+def _tiny_decoder_flops(kind: str, resolution: int) -> dict[str, int]:
+    import torch
+
+    from spo.models.tiny import tiny_decoder
+
+    with _empty():
+        # TAESD and TAESDXL share AutoencoderTiny's default architecture; the tiny preset distils a narrow one.
+        if kind == "tiny":
+            tiny = tiny_decoder()
+        else:
+            from diffusers import AutoencoderTiny
+
+            tiny = AutoencoderTiny()
+    side = resolution // 2 ** (len(tiny.config.decoder_block_out_channels) - 1)
+    with torch.device("meta"), torch.no_grad():
+        latents = torch.zeros(1, tiny.config.latent_channels, side, side)
+        return {"decode": _count(lambda: tiny.decode(latents))}
+
+
+def spm_decode_flops(cfg, resolution: int) -> float:
+    """One decode of an x̂0 the SPM judges: the VAE's, or with spm.decoder=tiny the tiny decoder's."""
+    d = diffusion_flops(cfg, resolution)
+    if cfg.spm.decoder == "vae":
+        return d["vae_decode"]
+    key = ("tiny" if cfg.is_tiny else "real", int(resolution))
+    return _disk_cached("tiny_decoder", key, _tiny_decoder_flops)["decode"]
 
 
 def clip_flops(cfg, which: str = "pickscore") -> dict[str, int]:
@@ -334,8 +367,13 @@ def _spo_stage(cfg, kept: float) -> dict[str, Any]:
     c = sampling_counts(cfg)
     prompts = (cfg.spo.num_prompts or cfg.data.num_train_prompts) * cfg.spo.num_epochs
     # The policy samples: rows through the LoRA UNet (no grad); one SPM text forward per prompt.
-    sampling = c.unet_rows * d["unet_lora_row"] + c.vae_decodes * d["vae_decode"] \
-        + c.spm_forwards * spm["image"] + spm["text"]
+    # The official sampler decodes with the VAE; ours with spm.decoder's decoder.
+    rows_and_scores = c.unet_rows * d["unet_lora_row"] + c.spm_forwards * spm["image"] + spm["text"]
+    sampling_for = {
+        "ours": rows_and_scores + c.vae_decodes * spm_decode_flops(cfg, cfg.spo_resolution),
+        "official": rows_and_scores + c.vae_decodes * d["vae_decode"],
+    }
+    sampling = sampling_for["ours"]
     pol = d["unet_lora_row"] + d["unet_lora_backward_row"]
     out: dict[str, Any] = {"prompts": prompts, "per_prompt": asdict(c), "sampling_flops_per_prompt": sampling}
     pairs = {"shared": c.shared_pairs * kept, "unshared": c.unshared_pairs * kept}
@@ -352,7 +390,7 @@ def _spo_stage(cfg, kept: float) -> dict[str, Any]:
             "flops": train / n_pairs if n_pairs else 0.0,
         }
         out[f"{who}_training_flops_per_prompt"] = train
-        out[f"{who}_flops"] = float(prompts * (sampling + train))
+        out[f"{who}_flops"] = float(prompts * (sampling_for[who] + train))
     out["pairs_per_prompt"] = sum(pairs.values())
     return out
 
@@ -362,16 +400,16 @@ def _spm_stage(cfg, gpus: int) -> dict[str, Any]:
         return {"pairs": 0, "per_pair": {}, "ours_flops": 0.0, "official_flops": 0.0}
     d, spm = diffusion_flops(cfg, cfg.spm_resolution), clip_flops(cfg)
     c = spm_pair_counts(cfg)
-    per_pair = (c["unet_rows"] * d["unet_row"] + c["vae_encodes"] * d["vae_encode"]
-                + c["vae_decodes"] * d["vae_decode"]
-                + c["spm_forwards"] * (spm["image"] + spm["image_backward"])
-                + c["spm_text_forwards"] * (spm["text"] + spm["text_backward"])
-                + (c["relabel_forwards"] * spm["image"] + spm["text"] if c["relabel_forwards"] else 0))
+    rest = (c["unet_rows"] * d["unet_row"] + c["vae_encodes"] * d["vae_encode"]
+            + c["spm_forwards"] * (spm["image"] + spm["image_backward"])
+            + c["spm_text_forwards"] * (spm["text"] + spm["text_backward"])
+            + (c["relabel_forwards"] * spm["image"] + spm["text"] if c["relabel_forwards"] else 0))
+    decode = c["vae_decodes"] * spm_decode_flops(cfg, cfg.spm_resolution)
+    per_pair, official_per_pair = rest + decode, rest + c["vae_decodes"] * d["vae_decode"]
     # spm.batch_size is per process: a step takes batch_size x grad_accum x gpus pairs.
     pairs = cfg.spm.max_steps * cfg.spm.batch_size * cfg.spm.grad_accum * gpus
-    decode_share = c["vae_decodes"] * d["vae_decode"] / per_pair
-    return {"pairs": pairs, "per_pair": {**c, "flops": per_pair, "decode_share": decode_share},
-            "ours_flops": float(pairs * per_pair), "official_flops": float(pairs * per_pair)}
+    return {"pairs": pairs, "per_pair": {**c, "flops": per_pair, "decode_share": decode / per_pair},
+            "ours_flops": float(pairs * per_pair), "official_flops": float(pairs * official_per_pair)}
 
 
 def _eval_stage(cfg) -> dict[str, Any]:
@@ -395,7 +433,8 @@ def _eval_stage(cfg) -> dict[str, Any]:
 
 
 def per_call_flops(cfg) -> dict[str, dict[str, int]]:
-    return {"diffusion": diffusion_flops(cfg, cfg.spo_resolution), "spm": clip_flops(cfg)}
+    d = diffusion_flops(cfg, cfg.spo_resolution)
+    return {"diffusion": {**d, "spm_decode": spm_decode_flops(cfg, cfg.spo_resolution)}, "spm": clip_flops(cfg)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,5 +482,7 @@ def format_plan(plan: dict[str, Any], calls: dict[str, dict[str, int]] | None = 
                      f"{_si(d['unet_lora_backward_row'])}), VAE decode {_si(d['vae_decode'])} "
                      f"= {d['vae_decode'] / (2 * d['unet_row']):.2f}x a CFG call, VAE encode "
                      f"{_si(d['vae_encode'])}, SPM image {_si(s['image'])} (bwd {_si(s['image_backward'])}), "
-                     f"text {_si(s['text'])}")
+                     f"text {_si(s['text'])}"
+                     + (f", SPM decode (spm.decoder=tiny) {_si(d['spm_decode'])}" if d["spm_decode"] != d["vae_decode"]
+                        else ""))
     return "\n".join(lines)

@@ -377,7 +377,7 @@ class CandidateSampler:
         chunk = self.decode_batch_size or n
         scores = []
         for i in range(0, n, chunk):
-            images = self.adapter.decode(x0[i : i + chunk])
+            images = self.adapter.decode_for_spm(x0[i : i + chunk])
             ts = torch.full((images.shape[0],), int(t), dtype=torch.long, device=images.device)
             scores.append(self.scorer.score_with_text(images, text[i : i + chunk], ts).float())
         return torch.cat(scores)

@@ -30,7 +30,7 @@ import torch
 from spo import tracking
 from spo.errors import SPOError
 from spo.losses import shard_loss
-from spo.models.diffusion import DiffusionAdapter, PromptEmbeddings, load_pipeline
+from spo.models.diffusion import DiffusionAdapter, PromptEmbeddings, attach_spm_decoder, load_pipeline
 from spo.models.preference import TimeConditionedCLIP
 from spo.pipeline_spec import artifact_path
 from spo.results import StageResult
@@ -127,7 +127,7 @@ class PairDenoiser:
             eps = ad.predict_noise(noisy, t2, cond2, uncond2, self.cfg_scale)
         x0 = predict_x0(ad.scheduler, eps, t2, noisy)
         with timer("vae_decode"):
-            images = ad.decode(x0)
+            images = ad.decode_for_spm(x0)
         self.counts["pairs"] += b
         self.counts["unet_samples"] += 2 * b * (2 if self.cfg_scale > 1.0 else 1)
         self.counts["vae_encode_images"] += 2 * b
@@ -305,7 +305,7 @@ def base_model(cfg, device) -> DiffusionAdapter:
         module = getattr(pipe, part, None)
         if module is not None:
             module.requires_grad_(False).eval()
-    return DiffusionAdapter(pipe, cfg.spm_resolution)
+    return attach_spm_decoder(DiffusionAdapter(pipe, cfg.spm_resolution), cfg)
 
 
 def make_accelerator(cfg, project_dir: Path):

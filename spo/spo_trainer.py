@@ -39,12 +39,11 @@ import torch
 from spo import tracking
 from spo.errors import SPOError
 from spo.losses import SPOLossOutput, spo_loss
-from spo.models.lora import reference_unet
+from spo.models.lora import prepare_lora_policy, reference_unet
 from spo.pipeline_spec import artifact_path
 from spo.sampling import CandidateSampler, PairBatch, SamplerStats, ddim_step_with_logprob
 from spo.training import CheckpointManager, NonFiniteGuard, RunIdentity, require_sane, seed_generator
 from spo.training.checkpoints import Resumed
-from spo.training.lora_policy import prepare_lora_policy
 from spo.utils import effective_mixed_precision, get_logger
 
 log = get_logger(__name__)

@@ -162,7 +162,8 @@ def _spm_for(project: Config, cfg: Config, base_key: str) -> tuple[Path, dict[st
     from spo.pipeline_spec import artifact_path
 
     if not _changes_spm(cfg, project):
-        return artifact_path(project, "spm_model"), None
+        own = artifact_path(project, "spm_metrics")
+        return artifact_path(project, "spm_model"), json.loads(own.read_text()) if own.exists() else None
     key = json_digest({"spm": cfg.to_dict()["spm"], "model": cfg.to_dict()["model"], "inputs": base_key}, 12)
     ws_root = (project.paths.root / RUNS_DIR / "spm" / key).resolve()
     spm_cfg = _workspace(project, ws_root, _variant_overrides(project, cfg, "spm"))
@@ -213,6 +214,9 @@ def run_one(
     seeds = [f"{k}={seed}" for k in spec.seed_keys]
     cfg = _workspace(project, root, [*spec.set, *variant.set, *seeds], link=False)
     judge, spm_metrics = _spm_for(project, cfg, base_key)
+    no_spm_judge = cfg.spo.step_judge == "plain" or cfg.spo.method == "dpo"
+    if no_spm_judge:
+        spm_metrics = None
     key = json_digest(
         {
             "config": {k: v for k, v in cfg.to_dict().items() if k not in ("paths", "tracking")},
@@ -240,8 +244,7 @@ def run_one(
         run.log_params({**params, "sweep.overrides": " ".join(variant.set) or "(none)"})
         if not cached:
             done.unlink(missing_ok=True)
-            judged_by_plain = cfg.spo.step_judge == "plain" or cfg.spo.method == "dpo"
-            if not judged_by_plain and judge.exists():
+            if not no_spm_judge and judge.exists():
                 _link(judge, root / "models" / "spm")
             with tracking.stage_tracker(cfg, "train_spo"):
                 train_spo.run(cfg)
@@ -406,7 +409,8 @@ def render_table(name: str, spec: SweepSpec, summary: dict[str, Any], seconds: f
     lines.append(
         f"Gains are SPO-LoRA − base on paired seeds ({metric} and the SPM score; the SPM is this project's for "
         f"every variant), pooled over seeds {summary['seeds']} with a 95 % CI that resamples prompts; 'per seed' "
-        "lists each training seed's gain. The paper column is the published "
+        "lists each training seed's gain. Judge acc. t=0: the validation accuracy on clean images of the SPM "
+        "that judged the variant's training (none for the plain judge and DPO). The paper column is the published "
         f"{spec.paper_metric or 'number'} and its gain over the paper's base ({spec.paper_base}). "
         "UNet rows: training UNet work in forward-row equivalents (no-grad rows + 3 x rows with grad). "
         f"This call: {seconds / 60:.1f} min, {_executed(summary)} of {len(summary.get('runs', []))} runs "
@@ -417,9 +421,10 @@ def render_table(name: str, spec: SweepSpec, summary: dict[str, Any], seconds: f
         if group["paper"]:
             lines += [f"Paper: {group['paper']}", ""]
         lines.append(
-            f"| variant | {metric} gain [95 % CI] | per seed | SPM-score gain [95 % CI] | kept | pairs | UNet rows | paper | paper gain |"
+            f"| variant | {metric} gain [95 % CI] | per seed | SPM-score gain [95 % CI] | judge acc. t=0 | kept "
+            "| pairs | UNet rows | paper | paper gain |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in group["rows"]:
             g = r["gains"].get(metric, {})
             cells = [
@@ -427,6 +432,7 @@ def render_table(name: str, spec: SweepSpec, summary: dict[str, Any], seconds: f
                 _with_ci(g),
                 ", ".join(_fmt(x) for x in g.get("per_seed", [])),
                 _with_ci(r["gains"].get("spm")),
+                _plain(r["spm_accuracy_t0"], ".3f"),
                 _plain(r["kept_fraction"], ".2f"),
                 _plain(r["pairs_trained"], ".0f"),
                 _plain(r["unet_rows"], ".0f"),

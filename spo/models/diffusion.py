@@ -128,6 +128,8 @@ class DiffusionAdapter:
         self.is_sdxl = isinstance(pipe, StableDiffusionXLPipeline)
         self.arch = "sdxl" if self.is_sdxl else "sd15"
         self.resolution = resolution
+        # spm.decoder=tiny: an AutoencoderTiny that renders the images the SPM judges (attach_spm_decoder).
+        self.spm_decoder = None
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         if resolution % self.vae_scale:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {self.vae_scale}")
@@ -224,11 +226,46 @@ class DiffusionAdapter:
         images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return images.float().clamp(-1, 1)
 
+    def decode_for_spm(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> the images the SPM judges: the VAE's (:meth:`decode`), or the tiny decoder's when one is
+        attached. TAESD-style decoders take the UNet's scaled latents as they are (their scaling_factor is 1)."""
+        if self.spm_decoder is None:
+            return self.decode(latents)
+        tiny = self.spm_decoder
+        images = tiny.decode(latents.to(tiny.dtype) / tiny.config.scaling_factor, return_dict=False)[0]
+        return images.float().clamp(-1, 1)
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (a sample of the VAE posterior, as in SD training)."""
         scale, shift = self._vae_factors()
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         return ((dist.sample(generator) - shift) * scale).to(self.dtype)
+
+
+def load_tiny_decoder(cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The ``spm.tiny_decoder`` AutoencoderTiny (hub id or local folder), frozen."""
+    from diffusers import AutoencoderTiny
+
+    ref = _model_ref(cfg.spm.tiny_decoder, cfg.paths.root)
+    if ref.is_local and not ref.exists():
+        raise ModelLoadError(
+            f"spm.decoder=tiny needs the tiny decoder spm.tiny_decoder={cfg.spm.tiny_decoder}, which does not exist "
+            f"({ref.path}). For the tiny preset `spo base` writes it; else point spm.tiny_decoder at TAESD."
+        )
+    name, kwargs = ref.pretrained_args()
+    try:
+        tiny = AutoencoderTiny.from_pretrained(name, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = _load_hint(ref).replace("model.pretrained", "spm.tiny_decoder")
+        raise ModelLoadError(f"the tiny decoder (spm.tiny_decoder): {hint}\n  underlying error: {exc}") from exc
+    return tiny.requires_grad_(False).eval().to(device)
+
+
+def attach_spm_decoder(adapter: DiffusionAdapter, cfg) -> DiffusionAdapter:
+    """With ``spm.decoder=tiny``, the adapter renders the SPM's images with the tiny decoder."""
+    if cfg.spm.decoder == "tiny":
+        adapter.spm_decoder = load_tiny_decoder(cfg, adapter.device, adapter.vae.dtype)
+    return adapter
 
 
 def load_adapter(cfg, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -105,6 +105,20 @@ def tiny_vae(latent_channels: int = 4, down_levels: int = 3):
     return vae
 
 
+def tiny_decoder(latent_channels: int = 4, up_levels: int = 3):
+    """A diffusers ``AutoencoderTiny`` (TAESD's architecture, narrowed) whose decoder maps the tiny VAE's scaled
+    latents to images with the same factor as :func:`tiny_vae`; ``spo base`` distils it from the VAE decoder."""
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8,) * up_levels,
+        decoder_block_out_channels=(16,) * up_levels,
+        num_encoder_blocks=(1,) * up_levels,
+        num_decoder_blocks=(1,) * up_levels,
+        latent_channels=latent_channels,
+    )
+
+
 def tiny_unet(cross_attention_dim: int = 64, sample_size: int = 8, sdxl: bool = False, pooled_dim: int = 64):
     from diffusers import UNet2DConditionModel
 
@@ -232,7 +246,8 @@ def build_tiny_clip(words: Iterable[str] = (), image_size: int = 32, seed: int =
 
 def save_random_tiny_models(root, sdxl: bool = True) -> None:
     """Random-init tiny models saved as real folders (tests and benchmarks): ``models/base`` (SD-1.5
-    architecture), ``models/base/clip`` (CLIP + processor) and, with ``sdxl``, ``models/base_sdxl``."""
+    architecture), ``models/base/clip`` (CLIP + processor), ``models/base/tiny_decoder`` and, with ``sdxl``,
+    ``models/base_sdxl``."""
     from pathlib import Path
 
     base = Path(root) / "models" / "base"
@@ -240,5 +255,7 @@ def save_random_tiny_models(root, sdxl: bool = True) -> None:
     model, processor = build_tiny_clip(seed=0)
     model.save_pretrained(base / "clip")
     processor.save_pretrained(base / "clip")
+    torch.manual_seed(0)
+    tiny_decoder().save_pretrained(base / "tiny_decoder")
     if sdxl:
         build_tiny_sdxl(seed=0).save_pretrained(Path(root) / "models" / "base_sdxl")

@@ -10,12 +10,14 @@ Pick-a-Pic images and captions:
    CLIP ViT-L is for SD-1.5 -- the frozen text encoder of the diffusion model (a UNet conditions far
    sooner on a contrastively trained text tower than on one learnt jointly from scratch);
 3. the UNet with the standard ε-prediction loss, dropping 10 % of captions so that classifier-free
-   guidance works.
+   guidance works;
+4. a tiny autoencoder decoder (diffusers ``AutoencoderTiny``, TAESD's architecture) distilled from the VAE
+   decoder, for ``spm.decoder=tiny`` (``models/base/tiny_decoder``; the real presets use TAESD / TAESDXL).
 
 Everything is saved as ordinary folders (``models/base`` via ``save_pretrained``; ``models/base/clip``)
 and read back afterwards only through ``from_pretrained`` -- the same call the real presets use.
 
-After each phase a checkpoint (``checkpoints/base/checkpoint-<1|2|3>``, the training kit's
+After each phase a checkpoint (``checkpoints/base/checkpoint-<1..4>``, the training kit's
 :class:`~spo.training.CheckpointManager`) holds the models trained so far; ``run(cfg, resume="latest")``
 trains only the phases it does not hold. Each phase draws from its own seed stream of ``base.seed``, so a
 resumed run ends with the same models as an uninterrupted one. The phases themselves are in
@@ -39,6 +41,7 @@ from spo.base_training import (
     load_training_images,
     save_sample_grid,
     train_clip,
+    train_tiny_decoder,
     train_unet,
     train_vae,
 )
@@ -58,7 +61,9 @@ from spo.utils import (
 log = get_logger(__name__)
 
 SECTIONS = ("base", "synthetic", "model")  # what shapes the base models (fingerprint, checkpoint lineage)
-PHASES = ("clip", "vae", "unet")  # in training order; one checkpoint after each (checkpoint-1 .. -3)
+# In training order; one checkpoint after each (checkpoint-1 .. -4). The tiny decoder (spm.decoder=tiny) is
+# distilled from the trained VAE.
+PHASES = ("clip", "vae", "unet", "tiny_decoder")
 
 
 @dataclass
@@ -87,6 +92,8 @@ def is_up_to_date(cfg) -> bool:
     info = artifact_path(cfg, "base_info")
     if not info.exists() or not (artifact_path(cfg, "base_clip") / "config.json").exists():
         return False
+    if not (artifact_path(cfg, "base_tiny_decoder") / "config.json").exists():
+        return False
     return read_json(info).get("fingerprint") == _fingerprint(cfg)
 
 
@@ -99,12 +106,15 @@ class _Models:
 
     def __init__(self, cfg):
         from spo.data.synthetic import VOCABULARY
-        from spo.models.tiny import build_tiny_clip
+        from spo.models.tiny import build_tiny_clip, tiny_decoder
 
         self.cfg = cfg
         self.clip, self.processor = build_tiny_clip(
             words=VOCABULARY, image_size=cfg.model.resolution, seed=cfg.base.seed
         )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.base.seed)
+            self.tiny_decoder = tiny_decoder()
         self._pipe = None
 
     @property
@@ -118,7 +128,9 @@ class _Models:
         return self._pipe
 
     def module(self, phase: str) -> torch.nn.Module:
-        return self.clip if phase == "clip" else getattr(self.pipe, phase)
+        if phase in ("clip", "tiny_decoder"):
+            return getattr(self, phase)
+        return getattr(self.pipe, phase)
 
     def write(self, folder: Path, done: list[str]) -> None:
         for phase in done:
@@ -137,6 +149,8 @@ def _run_phase(phase: str, models: _Models, pixels, captions, cfg, gen) -> float
         return train_clip(models.clip, models.processor, pixels, captions, cfg, gen)
     if phase == "vae":
         return train_vae(models.pipe.vae, pixels, cfg, gen)
+    if phase == "tiny_decoder":
+        return train_tiny_decoder(models.tiny_decoder, models.pipe.vae, pixels, cfg, gen)
     return train_unet(models.pipe, pixels, captions, cfg, gen)
 
 
@@ -159,8 +173,9 @@ def _train_phases(cfg, resume: str | Path | None, pixels, captions) -> tuple[_Mo
         # One seed stream per phase: a resumed run trains the remaining phases exactly as an uninterrupted one.
         state["losses"][phase] = _run_phase(phase, models, pixels, captions, cfg, seed_generator(cfg.base.seed, i))
         state["seconds"][f"{phase}_s"] = time.perf_counter() - t
+        lr_key = {"vae": "base.vae_lr", "tiny_decoder": "base.tiny_decoder_lr"}.get(phase, "base.lr")
         require_finite(models.module(phase).parameters(), f"base/{phase}: the trained weights",
-                       f"Lower {'base.vae_lr' if phase == 'vae' else 'base.lr'} and retry.")
+                       f"Lower {lr_key} and retry.")
         state["done"].append(phase)
         if phase == "vae":
             state["vae_scaling_factor"] = float(models.pipe.vae.config.scaling_factor)
@@ -211,6 +226,9 @@ def run(cfg, force: bool = False, resume: str | Path | None = None) -> BaseResul
         clip_dir = tmp / artifact_path(cfg, "base_clip").relative_to(artifact_path(cfg, "base_model"))
         models.clip.save_pretrained(clip_dir)
         models.processor.save_pretrained(clip_dir)
+        models.tiny_decoder.save_pretrained(
+            tmp / artifact_path(cfg, "base_tiny_decoder").relative_to(artifact_path(cfg, "base_model"))
+        )
         atomic_write_text(tmp / artifact_path(cfg, "base_info").name, info.to_json())
     return _report(cfg, info, captions)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from spo import tracking
+from spo.config import ConfigError
 from spo.errors import ModelLoadError, SPOError
 from spo.models.lora import save_lora
 from spo.pipeline_spec import artifact_path
@@ -101,8 +102,11 @@ def load_scorer(cfg, device, dtype):
         plain.step_conditioned = False
         return plain.requires_grad_(False).to(device=device, dtype=dtype).eval()
     if artifact_path(cfg, "spm_model").exists():
+        check_spm_decoder(cfg)
         return load_spm(artifact_path(cfg, "spm_model"), device=device, dtype=dtype)
     if cfg.spm.source.startswith("pretrained:"):
+        if cfg.spm.decoder != "vae":
+            raise ConfigError("a released SPM (spm.source=pretrained:...) judges VAE-decoded images: use spm.decoder=vae")
         return load_spm(
             cfg.spm.source,
             device=device,
@@ -116,6 +120,17 @@ def load_scorer(cfg, device, dtype):
         f"no step-aware preference model at {artifact_path(cfg, 'spm_model')}. Run `spo train-spm` first, or "
         "use the released one with --set spm.source=pretrained:SPO-Diffusion-Models/Step-Aware_Preference_Models"
     )
+
+
+def check_spm_decoder(cfg) -> None:
+    """The SPM judges images rendered the way it was trained on (spm_config.json ``decoder``; older SPMs: vae)."""
+    config_file = artifact_path(cfg, "spm_config")
+    trained = json.loads(config_file.read_text()).get("decoder", "vae") if config_file.exists() else "vae"
+    if trained != cfg.spm.decoder:
+        raise ConfigError(
+            f"the SPM at {artifact_path(cfg, 'spm_model')} was trained on {trained}-decoded images, but "
+            f"spm.decoder={cfg.spm.decoder}: set spm.decoder={trained}, or retrain it (`spo train-spm`)"
+        )
 
 
 def spm_lineage(cfg) -> dict[str, Any]:
@@ -146,7 +161,7 @@ def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) 
     if cfg.spo.method == "dpo":
         return run_dpo(cfg, resume)
 
-    from spo.models.diffusion import DiffusionAdapter, load_pipeline
+    from spo.models.diffusion import DiffusionAdapter, attach_spm_decoder, load_pipeline
 
     started = time.time()
     set_tf32(cfg.spo.allow_tf32)
@@ -155,7 +170,8 @@ def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) 
     dtype = torch_dtype(cfg.model.dtype, acc.device.type)
     pipe = load_pipeline(cfg.model, device=acc.device, dtype=dtype, cfg=cfg)
     scorer = scorer if scorer is not None else load_scorer(cfg, acc.device, dtype)
-    trainer = SPOTrainer(cfg, acc, DiffusionAdapter(pipe, cfg.spo_resolution), scorer, prompts)
+    adapter = attach_spm_decoder(DiffusionAdapter(pipe, cfg.spo_resolution), cfg)
+    trainer = SPOTrainer(cfg, acc, adapter, scorer, prompts)
     resumed = trainer.start(resume)
     state = trainer.state
 

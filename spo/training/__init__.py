@@ -7,9 +7,9 @@
   finiteness check before anything is written;
 * :mod:`~spo.training.seeds` -- reproducible seed streams keyed by (seed, epoch, step, process, ...);
 * :mod:`~spo.training.curves` -- one CSV curve writer;
-* :mod:`~spo.training.schedules` -- the learning-rate schedules (warm-up then constant / linear / cosine);
-* :mod:`~spo.training.lora_policy` -- the LoRA policy SPO and Diffusion-DPO train (adapters, AdamW, LR,
-  accelerate preparation, LoRA-only checkpoint hooks).
+* :mod:`~spo.training.schedules` -- the learning-rate schedules (warm-up then constant / linear / cosine).
+
+The LoRA policy SPO and Diffusion-DPO both train is :func:`spo.models.lora.prepare_lora_policy`.
 """
 
 from spo.training.checkpoints import CheckpointManager, RunIdentity

@@ -80,6 +80,7 @@ PIPELINE_SMALL = [
     "data.max_spm_val_pairs=16",
     "base.vae_steps=2",
     "base.unet_steps=2",
+    "base.tiny_decoder_steps=2",
     "base.clip_steps=2",
     "base.num_images=32",
     "base.batch_size=8",

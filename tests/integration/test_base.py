@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-TINY_STEPS = ["base.vae_steps=3", "base.unet_steps=3", "base.clip_steps=3", "base.num_images=64", "base.sample_steps=2"]
+TINY_STEPS = [
+    "base.vae_steps=3",
+    "base.unet_steps=3",
+    "base.clip_steps=3",
+    "base.tiny_decoder_steps=3",
+    "base.num_images=64",
+    "base.sample_steps=2",
+]
 
 
 @pytest.fixture
@@ -47,6 +54,30 @@ def test_base_round_trips_through_from_pretrained(trained_base):
     assert (cfg.paths.reports / "base_samples.png").stat().st_size > 0
     saved = json.loads((cfg.paths.base_model / "spo_base.json").read_text())
     assert saved["fingerprint"] == info["fingerprint"]
+
+
+def test_base_distils_a_tiny_decoder_that_renders_like_the_vae(tiny_project):
+    """Oracle: the VAE's own decoder (whatever it has learnt). 150 distillation steps bring the tiny decoder's
+    images far closer to the VAE's than the random-init decoder it starts from."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    from spo_test_helpers import make_cfg
+
+    from spo.models.tiny import tiny_decoder
+    from spo.stages import base
+
+    steps = [s for s in TINY_STEPS if not s.startswith("base.tiny_decoder_steps")]
+    cfg = make_cfg(tiny_project.paths.root, *steps, "base.tiny_decoder_steps=150", "tracking.enabled=false")
+    base.run(cfg, force=True)
+    vae = AutoencoderKL.from_pretrained(cfg.paths.base_model / "vae")
+    tiny = AutoencoderTiny.from_pretrained(cfg.paths.base_model / "tiny_decoder")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 32, 32, generator=gen) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+        target = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+        err = (tiny.decode(z).sample - target).abs().mean()
+        untrained = (tiny_decoder().decode(z).sample - target).abs().mean()
+    assert err < 0.5 * untrained, (float(err), float(untrained))
 
 
 def test_base_skips_when_up_to_date_and_for_real_presets(trained_base):
@@ -104,13 +135,13 @@ def test_base_resume_skips_the_completed_phases(tiny_project, monkeypatch):
 
     monkeypatch.setattr(base, "train_clip", clip_again)
     info = base.run(cfg, force=True, resume="latest")
-    assert set(info["final_loss"]) == {"clip", "vae", "unet"}
+    assert set(info["final_loss"]) == {"clip", "vae", "unet", "tiny_decoder"}
     assert info["final_loss"]["clip"] == pytest.approx(round(clip_loss, 5))
     # The saved CLIP is the checkpoint's, and the text encoder is its text tower.
     saved = CLIPModel.from_pretrained(cfg.paths.base_clip).state_dict()
     for name, tensor in clip_weights.items():
         assert torch.equal(saved[name], tensor), name
-    assert [p.name for p in root.glob("checkpoint-*")] == ["checkpoint-3"]  # keep=1: the newest holds all
+    assert [p.name for p in root.glob("checkpoint-*")] == ["checkpoint-4"]  # keep=1: the newest holds all
     # ... and ends where an uninterrupted run ends (one seed stream per phase).
     monkeypatch.undo()
     assert base.run(cfg, force=True)["final_loss"] == info["final_loss"]

@@ -241,3 +241,34 @@ def test_random_pair_choice_orders_by_score_and_covers_every_pair():
 def test_sampler_refuses_unknown_ablation_settings(adapters):
     with pytest.raises(ValueError, match="continue_from"):
         _sampler(adapters["sd15"], PatternScorer([0.0, 1.0]), continue_from="best")
+
+
+def test_the_tiny_decoder_renders_what_the_spm_judges(adapters, tiny_models_root):
+    """spm.decoder=tiny: the sampler's candidates go through the tiny decoder (diffusers' AutoencoderTiny, its
+    own decode as the oracle) and never through the VAE."""
+    from diffusers import AutoencoderTiny
+
+    adapter = adapters["sd15"]
+    tiny = AutoencoderTiny.from_pretrained(tiny_models_root / "models" / "base" / "tiny_decoder")
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(adapter.decode_for_spm(latents), adapter.decode(latents))  # none attached: the VAE
+        expected = tiny.decode(latents).sample.clamp(-1, 1)
+    vae_rows, tiny_rows = [], []
+    hooks = [
+        adapter.vae.decoder.register_forward_hook(lambda m, a, o: vae_rows.append(a[0].shape[0])),
+        tiny.decoder.register_forward_hook(lambda m, a, o: tiny_rows.append(a[0].shape[0])),
+    ]
+    adapter.spm_decoder = tiny
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(adapter.decode_for_spm(latents), expected)
+        tiny_rows.clear()
+        _, stats = _sampler(adapter, PatternScorer([0.0, 5.0, 1.0, 3.0])).sample(
+            ["a red circle"] * 2, torch.Generator().manual_seed(0)
+        )
+    finally:
+        adapter.spm_decoder = None
+        for h in hooks:
+            h.remove()
+    assert vae_rows == [] and sum(tiny_rows) == stats.candidates_scored > 0

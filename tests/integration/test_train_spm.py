@@ -251,3 +251,16 @@ def test_undecodable_training_jpegs_fail_or_are_skipped_counted_and_resumed(tiny
     train_spm.run(cfg, resume=str(first))
     resumed = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
     assert resumed["steps"] == 2 and resumed["skipped"] == metrics["skipped"]
+
+
+def test_an_spm_trained_on_the_tiny_decoder_is_used_only_with_it(tiny_project):
+    from spo.config import ConfigError
+    from spo.stages.train_spo import load_scorer
+
+    cfg = _cfg(tiny_project, "spm.max_steps=2", "spm.eval_timesteps=[0]", "spm.decoder=tiny")
+    train_spm.run(cfg)
+    saved = json.loads((cfg.paths.spm_model / "spm_config.json").read_text())
+    assert saved["decoder"] == "tiny" and saved["tiny_decoder"] == "models/base/tiny_decoder"
+    assert load_scorer(cfg, "cpu", torch.float32) is not None
+    with pytest.raises(ConfigError, match="trained on tiny-decoded images, but spm.decoder=vae"):
+        load_scorer(_cfg(tiny_project), "cpu", torch.float32)

@@ -135,6 +135,30 @@ def test_tiny_unet_and_decode_flops_match_a_cpu_measurement():
     assert planned["unet_lora_row"] > planned["unet_row"] and planned["unet_lora_backward_row"] > 0
 
 
+def test_tiny_decoder_flops_replace_only_the_spm_decodes(capsys):
+    """spm.decoder=tiny: each SPM decode costs the tiny decoder's FLOPs (oracle: a CPU count of the tiny preset's
+    decoder), in SPM training and SPO sampling only; the official algorithm and evaluation keep the VAE."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spo.models.tiny import tiny_decoder
+    from spo.plan import diffusion_flops, spm_decode_flops
+
+    cfg = _cfg("tiny", "spm.decoder=tiny")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        tiny_decoder().decode(torch.randn(1, 4, 8, 8))
+    per_decode = spm_decode_flops(cfg, cfg.model.resolution)
+    assert per_decode == counter.get_total_flops() < diffusion_flops(cfg, cfg.model.resolution)["vae_decode"]
+    vae, tiny = _plan_json(capsys), _plan_json(capsys, "--set", "spm.decoder=tiny")
+    saved = diffusion_flops(cfg, cfg.model.resolution)["vae_decode"] - per_decode
+    for stage, decodes in (
+        ("train_spo", vae["stages"]["train_spo"]["prompts"] * vae["stages"]["train_spo"]["per_prompt"]["vae_decodes"]),
+        ("train_spm", vae["stages"]["train_spm"]["pairs"] * vae["stages"]["train_spm"]["per_pair"]["vae_decodes"]),
+    ):
+        assert vae["stages"][stage]["ours_flops"] - tiny["stages"][stage]["ours_flops"] == pytest.approx(saved * decodes)
+        assert tiny["stages"][stage]["official_flops"] == vae["stages"][stage]["official_flops"]
+    assert tiny["stages"]["evaluate"] == vae["stages"]["evaluate"]
+
+
 # -- (4) the CLI --------------------------------------------------------------------------------------------
 def _plan_json(capsys, *args):
     assert cli.main(["plan", "--preset", "tiny", "--params", "/dev/null", "--json", *args]) == 0
