@@ -1,6 +1,6 @@
 """Progress bars: tqdm on a terminal; in a log (stderr not a TTY: CI, a Prefect worker, ``make run > log``) no
-redraws -- an outer bar becomes one plain log line at most every ``SPO_PROGRESS_INTERVAL`` seconds (default
-30) and at its end, and inner bars (``leave=False``: per-iteration sampling steps, eval batches) stay silent."""
+redraws -- a bar that runs longer than ``SPO_PROGRESS_INTERVAL`` seconds (default 30) becomes one plain log
+line every interval, and shorter ones (per-iteration sampling steps, eval batches) print nothing."""
 
 from __future__ import annotations
 
@@ -37,9 +37,7 @@ def _on_terminal() -> bool:
 
 class tqdm(_tqdm):  # noqa: N801 -- a drop-in for tqdm.auto.tqdm
     def __init__(self, *args, **kwargs):
-        if kwargs.get("file") is None and not _on_terminal():
-            if kwargs.get("leave", True) is False:
-                kwargs["disable"] = True
-            elif not kwargs.get("disable"):
-                kwargs.update(file=_LogLines(), ascii=True, mininterval=log_interval(), disable=False)
+        if kwargs.get("file") is None and not _on_terminal() and not kwargs.get("disable"):
+            interval = log_interval()
+            kwargs.update(file=_LogLines(), ascii=True, mininterval=interval, delay=interval, disable=False)
         super().__init__(*args, **kwargs)
