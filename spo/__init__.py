@@ -1,6 +1,7 @@
 """spo: step-by-step preference optimization for Stable Diffusion, with an MLOps layer."""
 
 import logging as _logging
+import warnings as _warnings
 
 __version__ = "0.1.0"
 
@@ -19,3 +20,6 @@ def _drop_known_noise(record: _logging.LogRecord) -> bool:
 
 for _name in KNOWN_NOISE:
     _logging.getLogger(_name).addFilter(_drop_known_noise)
+
+# MLflow asks for type hints on PythonModel.predict to infer a signature; spo logs an explicit one.
+_warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)

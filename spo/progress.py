@@ -41,3 +41,15 @@ class tqdm(_tqdm):  # noqa: N801 -- a drop-in for tqdm.auto.tqdm
             interval = log_interval()
             kwargs.update(file=_LogLines(), ascii=True, mininterval=interval, delay=interval, disable=False)
         super().__init__(*args, **kwargs)
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, the libraries' own bars (hub and transformers weight loading, diffusers' pipeline
+    loading, MLflow artifact transfers) are redraws in a log too: switch them off. Explicit settings win."""
+    if _on_terminal():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    diffusers_logging = sys.modules.get("diffusers.utils.logging")
+    if diffusers_logging is not None:
+        diffusers_logging.disable_progress_bar()

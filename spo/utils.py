@@ -47,6 +47,9 @@ def setup_logging(level: int | str = logging.INFO) -> None:
         handler._spo = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+    from spo.progress import quiet_library_bars
+
+    quiet_library_bars()
     # Libraries that are chatty at INFO.
     for noisy in ("httpx", "urllib3", "alembic", "great_expectations", "filelock", "asyncio", "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

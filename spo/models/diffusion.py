@@ -109,6 +109,9 @@ def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dt
         except (OSError, ValueError) as exc:
             hint = _load_hint(vae_ref).replace("model.pretrained", "model.vae")
             raise ModelLoadError(f"the VAE (model.vae): {hint}\n  underlying error: {exc}") from exc
+    from spo.progress import quiet_library_bars
+
+    quiet_library_bars()  # diffusers is imported by now: its "Loading pipeline components" bar too
     try:
         pipe = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:

@@ -77,3 +77,23 @@ def test_progress_bars_become_a_few_log_lines_off_a_terminal(caplog, monkeypatch
     assert 1 <= len(lines) <= elapsed / 0.1 + 2 and all(line.startswith("outer:") for line in lines)
     assert lines[-1].startswith("outer: 100%") and "40/40" in lines[-1]
     assert all("\r" not in line and "\x1b" not in line for line in lines)
+
+
+def test_library_progress_bars_are_switched_off_in_a_log(monkeypatch):
+    import os
+
+    import diffusers.utils.logging as diffusers_logging
+
+    from spo.progress import quiet_library_bars
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # an explicit choice is kept
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    diffusers_logging.enable_progress_bar()
+    try:
+        quiet_library_bars()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
+        assert not diffusers_logging.is_progress_bar_enabled()
+    finally:
+        diffusers_logging.enable_progress_bar()
