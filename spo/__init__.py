@@ -1,7 +1,6 @@
 """spo: step-by-step preference optimization for Stable Diffusion, with an MLOps layer."""
 
 import logging as _logging
-import warnings as _warnings
 
 __version__ = "0.1.0"
 
@@ -11,6 +10,10 @@ __version__ = "0.1.0"
 KNOWN_NOISE: dict[str, tuple[str, ...]] = {
     "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
     "diffusers.loaders.lora_base": ("No LoRA keys associated to CLIPTextModel",),
+    # Python warnings, once logging captures them (spo's setup_logging, Prefect): MLflow asks for type hints on
+    # PythonModel.predict to infer a signature (spo logs an explicit one). Its own "once" filter overrides any
+    # warnings filter, so it is dropped here.
+    "py.warnings": ("Add type hints to the `predict` method",),
 }
 
 
@@ -20,6 +23,3 @@ def _drop_known_noise(record: _logging.LogRecord) -> bool:
 
 for _name in KNOWN_NOISE:
     _logging.getLogger(_name).addFilter(_drop_known_noise)
-
-# MLflow asks for type hints on PythonModel.predict to infer a signature; spo logs an explicit one.
-_warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)

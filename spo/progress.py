@@ -36,6 +36,9 @@ def _on_terminal() -> bool:
 
 
 class tqdm(_tqdm):  # noqa: N801 -- a drop-in for tqdm.auto.tqdm
+    # No monitor thread: a refresh from it would log outside the stage's thread (and its Prefect run context).
+    monitor_interval = 0
+
     def __init__(self, *args, **kwargs):
         if kwargs.get("file") is None and not _on_terminal() and not kwargs.get("disable"):
             interval = log_interval()

@@ -50,6 +50,7 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     from spo.progress import quiet_library_bars
 
     quiet_library_bars()
+    logging.captureWarnings(True)  # one log format; and KNOWN_NOISE (spo/__init__.py) filters py.warnings
     # Libraries that are chatty at INFO.
     for noisy in ("httpx", "urllib3", "alembic", "great_expectations", "filelock", "asyncio", "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -52,7 +52,7 @@ def test_known_library_noise_is_dropped_and_other_warnings_are_not(caplog):
     lora.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["something else from transformers"]
-    assert set(spo.KNOWN_NOISE) == {"transformers.utils.import_utils", "diffusers.loaders.lora_base"}
+    assert set(spo.KNOWN_NOISE) == {"transformers.utils.import_utils", "diffusers.loaders.lora_base", "py.warnings"}
 
 
 def test_progress_bars_become_a_few_log_lines_off_a_terminal(caplog, monkeypatch):
