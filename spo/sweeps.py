@@ -201,6 +201,7 @@ def run_one(
     base_key: str,
     force: bool,
     finished: dict[str, RunResult] | None = None,
+    hashes: dict[Path, str] | None = None,
 ) -> RunResult:
     """One (variant, seed): train + evaluate in its workspace, unless an identical config already ran in this
     sweep (``finished``, by key: the paper's default recurs in every group) or in an earlier one (its done file)."""
@@ -221,7 +222,7 @@ def run_one(
         {
             "config": {k: v for k, v in cfg.to_dict().items() if k not in ("paths", "tracking")},
             "inputs": base_key,
-            "judge": hash_tree(judge) if judge.exists() else None,
+            "judge": _tree_hash(judge, hashes) if judge.exists() else None,
         }
     )
     done = root / DONE_FILE
@@ -488,7 +489,17 @@ def plot_gains(summary: dict[str, Any], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------------------
-def _shared_inputs_key(project: Config) -> str:
+def _tree_hash(path: Path, hashes: dict[Path, str] | None) -> str:
+    """hash_tree, once per folder per sweep call (a real SPM is gigabytes; every run's key names its judge)."""
+    path = Path(path).resolve()
+    if hashes is None:
+        return hash_tree(path)
+    if path not in hashes:
+        hashes[path] = hash_tree(path)
+    return hashes[path]
+
+
+def _shared_inputs_key(project: Config, hashes: dict[Path, str] | None = None) -> str:
     from spo.pipeline_spec import artifact_path
 
     missing = [a for a in ("prepared", "base_model", "spm_model") if not artifact_path(project, a).exists()]
@@ -500,7 +511,7 @@ def _shared_inputs_key(project: Config) -> str:
         )
     return json_digest(
         {
-            a: hash_tree(artifact_path(project, a))
+            a: _tree_hash(artifact_path(project, a), hashes)
             for a in ("prepared", "base_model", "spm_model")
             if artifact_path(project, a).exists()
         }
@@ -524,7 +535,8 @@ def run_sweep(
                 f"--only {unknown}: not a group of {path} ({', '.join(g.name for g in spec.groups)})"
             )
         spec = spec.model_copy(update={"groups": [g for g in spec.groups if g.name in only]})
-    base_key = _shared_inputs_key(project)
+    hashes: dict[Path, str] = {}
+    base_key = _shared_inputs_key(project, hashes)
     jobs = [(g, v, s) for g in spec.groups for v in g.variants for s in spec.seeds]
     log.info(
         "sweep %s: %d variants x %d seeds = %d runs",
@@ -548,7 +560,7 @@ def run_sweep(
         finished: dict[str, RunResult] = {}
         for group, variant, seed in tqdm(jobs, desc=f"sweep {sweep_name}", unit="run"):
             results.append(
-                run_one(project, spec, group, variant, seed, sweep_name, base_key, force, finished)
+                run_one(project, spec, group, variant, seed, sweep_name, base_key, force, finished, hashes)
             )
         seconds = time.time() - started
         summary = {"name": sweep_name, **summarize(spec, results)}

@@ -98,7 +98,9 @@ def load_scorer(cfg, device, dtype):
     from spo.models.preference import RELEASED_SPM_FILES, TimeConditionedCLIP, load_spm
 
     if cfg.spo.step_judge == "plain":
-        plain = TimeConditionedCLIP.from_clip(cfg.resolve_ref(cfg.spm.init), cfg.resolve_ref(cfg.spm.processor))
+        plain = TimeConditionedCLIP.from_clip(
+            cfg.resolve_ref(cfg.spm.init), cfg.resolve_ref(cfg.spm.processor)
+        )
         plain.step_conditioned = False
         return plain.requires_grad_(False).to(device=device, dtype=dtype).eval()
     if artifact_path(cfg, "spm_model").exists():
@@ -106,7 +108,9 @@ def load_scorer(cfg, device, dtype):
         return load_spm(artifact_path(cfg, "spm_model"), device=device, dtype=dtype)
     if cfg.spm.source.startswith("pretrained:"):
         if cfg.spm.decoder != "vae":
-            raise ConfigError("a released SPM (spm.source=pretrained:...) judges VAE-decoded images: use spm.decoder=vae")
+            raise ConfigError(
+                "a released SPM (spm.source=pretrained:...) judges VAE-decoded images: use spm.decoder=vae"
+            )
         return load_spm(
             cfg.spm.source,
             device=device,
@@ -195,21 +199,26 @@ def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) 
     epochs.close()
 
     summary = trainer.finish()
+    summary.update(spo_unet_rows(summary, trainer.state.counters))
+    return finish_run(cfg, acc, trainer, summary, spm_lineage(cfg), SECTIONS, resumed, started, CURVE_FIELDS)
+
+
+def finish_run(cfg, acc, trainer, summary, spm, sections, resumed, started, curve_fields) -> TrainSPOResult:
+    """The result of either method, and its outputs written by the main process."""
     result = TrainSPOResult.from_dict(
         {
             **summary,
-            **spo_unet_rows(summary, trainer.state.counters),
-            "spm": spm_lineage(cfg),
+            "spm": spm,
             "base_model": str(cfg.model.pretrained),
             "arch": cfg.model.arch,
             "lora": str(artifact_path(cfg, "lora_weights")),
-            "config_hash": cfg.section_hash(*SECTIONS),
+            "config_hash": cfg.section_hash(*sections),
             "resumed_from": str(resumed.path) if resumed else None,
             "wall_time_s": round(time.time() - started, 1),
         }
     )
     if trainer.main:
-        write_outputs(cfg, trainer, result)
+        write_outputs(cfg, trainer, result, curve_fields)
     acc.wait_for_everyone()
     return result
 
@@ -281,7 +290,9 @@ def run_dpo(cfg, resume: str | None = None) -> TrainSPOResult:
     trainer = DPOTrainer(cfg, acc, DiffusionAdapter(pipe, cfg.dpo.image_resolution or cfg.model.resolution))
     resumed = trainer.start(resume)
     tracking.active().set_tags({"spo.method": "dpo"})  # --method may have overridden the logged spo.method
-    bar = tqdm(total=cfg.dpo.max_steps, initial=trainer.state.global_step, desc="DPO steps", disable=not trainer.main)
+    bar = tqdm(
+        total=cfg.dpo.max_steps, initial=trainer.state.global_step, desc="DPO steps", disable=not trainer.main
+    )
 
     def progress(state) -> None:
         loss = f"{state.curves[-1]['loss']:.4f}" if state.curves else "-"
@@ -291,19 +302,8 @@ def run_dpo(cfg, resume: str | None = None) -> TrainSPOResult:
 
     trainer.train(progress)
     bar.close()
-    result = TrainSPOResult.from_dict(
-        {
-            **trainer.finish(),
-            "spm": {"method": "dpo", "used": False},  # DPO trains on the preference labels, not an SPM
-            "base_model": str(cfg.model.pretrained),
-            "arch": cfg.model.arch,
-            "lora": str(artifact_path(cfg, "lora_weights")),
-            "config_hash": cfg.section_hash(*DPO_SECTIONS),
-            "resumed_from": str(resumed.path) if resumed else None,
-            "wall_time_s": round(time.time() - started, 1),
-        }
+    # DPO trains on the preference labels, not an SPM.
+    spm = {"method": "dpo", "used": False}
+    return finish_run(
+        cfg, acc, trainer, trainer.finish(), spm, DPO_SECTIONS, resumed, started, DPO_CURVE_FIELDS
     )
-    if trainer.main:
-        write_outputs(cfg, trainer, result, DPO_CURVE_FIELDS)
-    acc.wait_for_everyone()
-    return result
