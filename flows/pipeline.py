@@ -46,7 +46,7 @@ from spo.config import DEFAULT_PARAMS_FILE, Config, load_config
 from spo.errors import DataValidationError, SPOError
 from spo.lock import project_lock
 from spo.pipeline_spec import STAGE_BY_NAME, STAGES, StageSpec, artifact_path, repo_root, stages_for
-from spo.results import StageResult
+from spo.results import StageResult, log_stage_end
 from spo.utils import atomic_write_json, hash_tree, json_digest
 
 FLOW_NAME = "spo-pipeline"
@@ -219,8 +219,10 @@ def _execute(
         result = _launch_with_accelerate(stage_name, cfg, accelerate_config, resumable)
     else:
         module = importlib.import_module(stage.module)
+        started = time.perf_counter()
         with tracking.stage_tracker(cfg, stage_name):
             result = module.run(cfg, **({"resume": "latest"} if resumable else {}))
+        log_stage_end(stage_name, result, time.perf_counter() - started)
     if isinstance(result, StageResult):
         result = result.to_dict()
     elif isinstance(result, Mapping):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -22,6 +23,7 @@ from spo.config import DEFAULT_PARAMS_FILE, PRESETS, ConfigError, load_config
 from spo.errors import SPOError
 from spo.lock import project_lock
 from spo.pipeline_spec import STAGE_BY_CLI, STAGES, StageSpec
+from spo.results import log_stage_end
 
 EPILOG = """\
 config: every command takes --preset {tiny,sd15,sdxl} and any number of --set section.key=value
@@ -87,8 +89,12 @@ def _run_stage(spec: StageSpec, args: argparse.Namespace) -> Any:
         if os.environ.get("RANK", "0") == "0"
         else nullcontext()
     )
+    started = time.perf_counter()
     with lock, tracking.stage_tracker(cfg, spec.name) as _:
-        return stage.run(cfg, **extra)
+        result = stage.run(cfg, **extra)
+    if os.environ.get("RANK", "0") == "0":
+        log_stage_end(spec.name, result, time.perf_counter() - started)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:

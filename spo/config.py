@@ -439,6 +439,22 @@ class RegistryConfig(Section):
     bundle_base: bool = False
 
 
+class RuntimeConfig(Section):
+    """How the frozen and trained networks run: kernels and layouts that change speed, not the algorithm.
+
+    Outputs stay within float tolerance of the eager fp32 path (tests/unit/test_runtime.py states each bound).
+    Attention is PyTorch SDPA in both diffusers and transformers by default (checked by the same tests).
+    """
+
+    # NHWC memory layout for the UNet and VAE convolutions (faster on tensor cores). None = on CUDA only.
+    channels_last: bool | None = None
+    # torch.compile the UNet, the VAE decoder and the SPM in place (nn.Module.compile: LoRA adapters added
+    # later and toggled for the reference are traced as they are used). The first calls pay the compile time.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: str = "inductor"  # any torch.compile backend ("aot_eager" compiles without codegen)
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     experiment: str = "spo"
@@ -482,6 +498,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @field_validator("preset")
     @classmethod

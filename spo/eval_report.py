@@ -33,6 +33,24 @@ def _fmt(x: float) -> str:
     return f"{x:.5g}"
 
 
+# Scorer -> the eval key naming its model (the others follow `<scorer>_model`).
+_SCORER_MODEL_KEY = {"aesthetic": "aesthetic_clip_model"}
+
+
+def stand_in_scorers(cfg) -> dict[str, str]:
+    """Scorers whose model is one the project built under models/base (the tiny preset's CLIP standing in
+    for PickScore / CLIP), by name -> model reference."""
+    out = {}
+    for name in cfg.eval.scorers:
+        ref = getattr(cfg.eval, _SCORER_MODEL_KEY.get(name, f"{name}_model"), None)
+        if not isinstance(ref, str) or "://" in ref or ref.startswith("models:/"):
+            continue
+        path = Path(ref) if Path(ref).is_absolute() else Path(cfg.paths.root) / ref
+        if path.resolve().is_relative_to(Path(cfg.paths.base_model).resolve()):
+            out[name] = ref
+    return out
+
+
 def markdown_table(cfg, metrics: dict[str, Any], info: dict[str, Any]) -> str:
     from spo.rewards.published import COLUMNS, published_for
 
@@ -49,6 +67,7 @@ def markdown_table(cfg, metrics: dict[str, Any], info: dict[str, Any]) -> str:
         "| scorer | base | SPO | diff (SPO - base) | 95 % CI of diff | win rate | 95 % CI of win rate | n pairs |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    stand_ins = stand_in_scorers(cfg)
     for name, m in metrics.items():
         if name.startswith("_"):
             continue
@@ -56,10 +75,19 @@ def markdown_table(cfg, metrics: dict[str, Any], info: dict[str, Any]) -> str:
         wlo, whi = m["win_rate_ci95"]
         sig = " *" if lo > 0 or hi < 0 else ""
         lines.append(
-            f"| {name} | {_fmt(m['base_mean'])} | {_fmt(m['spo_mean'])} | {_fmt(m['diff_mean'])}{sig} | "
+            f"| {name}{' †' if name in stand_ins else ''} | {_fmt(m['base_mean'])} | {_fmt(m['spo_mean'])} | {_fmt(m['diff_mean'])}{sig} | "
             f"[{_fmt(lo)}, {_fmt(hi)}] | {m['win_rate']:.3f} | [{wlo:.3f}, {whi:.3f}] | {m['n']} |"
         )
     lines += ["", "`*`: the 95 % CI of the difference excludes 0."]
+    if stand_ins & metrics.keys():
+        models = ", ".join(f"`{name}` on `{ref}`" for name, ref in sorted(stand_ins.items()) if name in metrics)
+        lines += [
+            "",
+            f"`†`: stand-in scorer ({models}): a model this project built, not the scorer's published weights. "
+            "Its numbers say how the tiny base model's own CLIP sees the images, not human preference; a "
+            "'worse' here is not a regression. `toy_aesthetic` (the world's ground truth) and `spm` are the "
+            "scores that show whether SPO worked.",
+        ]
     if info.get("skipped_scorers"):
         lines += ["", "Skipped (eval.skip_unavailable): " + ", ".join(info["skipped_scorers"])]
     rows = published_for(cfg.preset)

@@ -31,11 +31,27 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclasses.dataclass
 class StageResult(Mapping):
     """Base of every stage result. Subclasses add typed fields; ``extra`` holds anything else reported."""
 
     stage: ClassVar[str] = ""
+    # The fields of the one-line summary logged when the stage ends (empty: every scalar field).
+    headline: ClassVar[tuple[str, ...]] = ()
+
+    def summary(self) -> str:
+        data = self.to_dict()
+        names = self.headline or tuple(k for k, v in data.items() if isinstance(v, int | float | bool | str))
+        return ", ".join(f"{k}={_short(data[k])}" for k in names if data.get(k) is not None) or "done"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # -- mapping view ---------------------------------------------------------------------------------
@@ -76,3 +92,11 @@ class StageResult(Mapping):
     @classmethod
     def read(cls: type[T], path: str | Path) -> T:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def log_stage_end(stage: str, result: Any, seconds: float) -> None:
+    """The last line a stage logs: how long it took and its headline numbers."""
+    import logging
+
+    summary = result.summary() if isinstance(result, StageResult) else "done"
+    logging.getLogger("spo.stages").info("%s finished in %.1f s: %s", stage, seconds, summary)

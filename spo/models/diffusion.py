@@ -118,7 +118,12 @@ def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dt
         raise ModelLoadError(f"{_load_hint(ref)}\n  underlying error: {exc}") from exc
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if cfg is not None:
+        from spo.models.runtime import apply_runtime
+
+        apply_runtime(cfg.runtime, device, unet=pipe.unet, vae=pipe.vae)
+    return pipe
 
 
 class DiffusionAdapter:

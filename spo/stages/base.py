@@ -71,6 +71,7 @@ class BaseResult(StageResult):
     """What ``spo base`` returns; a skipped run reports ``skipped`` (and, when up to date, the saved info)."""
 
     stage: ClassVar[str] = "base"
+    headline: ClassVar[tuple[str, ...]] = ("skipped", "num_images", "final_loss", "seconds")
     skipped: str | None = None
     fingerprint: str | None = None
     final_loss: dict[str, float | None] | None = None

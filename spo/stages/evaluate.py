@@ -53,6 +53,7 @@ class EvaluateResult(StageResult):
     processes return only ``images`` (what they generated) and ``process_index`` (in ``extra``)."""
 
     stage: ClassVar[str] = "evaluate"
+    headline: ClassVar[tuple[str, ...]] = ("primary", "images", "table")
     metrics: str | None = None
     table: str | None = None
     grid: str | None = None

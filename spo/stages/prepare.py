@@ -44,6 +44,7 @@ class PrepareResult(StageResult):
     """What ``spo prepare`` returns (the data card in data/prepared/ holds the rest)."""
 
     stage: ClassVar[str] = "prepare"
+    headline: ClassVar[tuple[str, ...]] = ("spm_train_pairs", "spm_val_pairs", "prompts_train", "prompts_val", "validation")
     output: str
     spm_train_pairs: int
     spm_train_ties: int

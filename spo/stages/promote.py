@@ -93,6 +93,7 @@ class PromoteResult(StageResult):
     """What ``spo promote`` returns and writes to reports/registry/promote.json."""
 
     stage: ClassVar[str] = "promote"
+    headline: ClassVar[tuple[str, ...]] = ("decision", "champion", "metric", "delta", "ci_low")
     model: str
     challenger: str
     champion_before: str | None

@@ -36,6 +36,7 @@ class RegisterResult(StageResult):
     """What ``spo register`` returns and writes to reports/registry/register.json."""
 
     stage: ClassVar[str] = "register"
+    headline: ClassVar[tuple[str, ...]] = ("model", "version", "created", "alias")
     model: str
     version: str
     created: bool

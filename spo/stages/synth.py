@@ -28,6 +28,7 @@ class SynthResult(StageResult):
     a ``reason``, a generation its ``seconds``, both have the fingerprint of tiny_world.json)."""
 
     stage: ClassVar[str] = "synth"
+    headline: ClassVar[tuple[str, ...]] = ("skipped", "reason", "seconds", "output")
     skipped: bool
     output: str
     reason: str | None = None

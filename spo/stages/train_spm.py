@@ -54,6 +54,7 @@ class TrainSPMResult(StageResult):
     """What ``spo train-spm`` returns (the full report is reports/spm_metrics.json)."""
 
     stage: ClassVar[str] = "train_spm"
+    headline: ClassVar[tuple[str, ...]] = ("accuracy", "n_pairs", "steps", "train_pairs_per_s")
     spm_model: str = ""
     accuracy: dict[str, float] = field(default_factory=dict)
     initial_accuracy: dict[str, float] | None = None

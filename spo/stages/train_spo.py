@@ -29,6 +29,7 @@ from spo import tracking
 from spo.config import ConfigError
 from spo.errors import ModelLoadError, SPOError
 from spo.models.lora import save_lora
+from spo.models.runtime import apply_runtime
 from spo.pipeline_spec import artifact_path
 from spo.results import StageResult
 from spo.spo_trainer import CURVE_FIELDS, SECTIONS, SPOTrainer, make_accelerator, set_tf32
@@ -45,6 +46,7 @@ class TrainSPOResult(StageResult):
     """What ``spo train`` returns and writes to ``reports/spo_train.json``."""
 
     stage: ClassVar[str] = "train_spo"
+    headline: ClassVar[tuple[str, ...]] = ("method", "pairs_trained", "kept_fraction", "optimizer_steps", "loss_mean_last_10", "steps_skipped_nonfinite")
     method: str = "spo"  # "spo" | "dpo" (spo.method)
     pairs_trained: int = 0
     pairs_kept: int = 0
@@ -173,7 +175,9 @@ def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) 
     acc = make_accelerator(cfg)
     dtype = torch_dtype(cfg.model.dtype, acc.device.type)
     pipe = load_pipeline(cfg.model, device=acc.device, dtype=dtype, cfg=cfg)
-    scorer = scorer if scorer is not None else load_scorer(cfg, acc.device, dtype)
+    if scorer is None:
+        scorer = load_scorer(cfg, acc.device, dtype)
+        apply_runtime(cfg.runtime, acc.device, spm=scorer)
     adapter = attach_spm_decoder(DiffusionAdapter(pipe, cfg.spo_resolution), cfg)
     trainer = SPOTrainer(cfg, acc, adapter, scorer, prompts)
     resumed = trainer.start(resume)

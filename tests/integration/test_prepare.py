@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -233,13 +234,15 @@ def test_validation_report_is_written_on_success(prepared_project):
     assert (report / "index.html").exists()
 
 
-def test_filters_through_the_cli(prepared_project, tmp_path):
+def test_filters_through_the_cli(prepared_project, tmp_path, capfd):
     root = tmp_path / "p"
     shutil.copytree(prepared_project[0], root)
     assert cli_prepare(root, "data.keep_only_different=true", "data.limit_examples_per_prompt=1") == 0
     train = pairs_by_rid(root / "data" / "prepared" / "spm_train")
     # keep_only_different drops row 2; then one of rows {0, 1} stays for "a red circle".
     assert len(train) == 5 and len({0, 1} & set(train)) == 1 and {3, 4, 6, 7} <= set(train)
+    # The stage ends with one summary line carrying the counts just checked.
+    assert re.search(r"prepare finished in [0-9.]+ s: spm_train_pairs=5, ", capfd.readouterr().err)
     assert all(r["num_example_per_prompt"] == 1 and r["weight"] == 1.0 for r in train.values())
 
 

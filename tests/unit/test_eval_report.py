@@ -51,3 +51,18 @@ def test_sdxl_and_tiny_tables():
     assert "Table 1 | SPO | 23.06 | 31.8 | 1.0803 | 6.364 |" in sdxl and "21.43" not in sdxl
     tiny = markdown_table(load_config("tiny", params_file=None), metrics, info)
     assert "tiny world is synthetic" in tiny and "21.43" not in tiny
+
+
+def test_tiny_table_marks_scorers_that_run_on_the_projects_own_clip_as_stand_ins():
+    metrics, info = _metrics()
+    metrics = {"toy_aesthetic": metrics["pickscore"], **metrics}
+    tiny = markdown_table(load_config("tiny", params_file=None), metrics, info)
+    assert "| pickscore † | 20.5 |" in tiny
+    assert "| toy_aesthetic | 20.5 |" in tiny  # the world's ground truth is no stand-in
+    assert "`pickscore` on `models/base/clip`" in tiny and "not human preference" in tiny
+    # The real presets score with published weights: no mark, no note.
+    sd15 = markdown_table(load_config("sd15", params_file=None), metrics, info)
+    assert "†" not in sd15
+    # A tiny-preset user who points pickscore at real weights loses the mark.
+    real = load_config("tiny", ["eval.pickscore_model=yuvalkirstain/PickScore_v1"], params_file=None)
+    assert "†" not in markdown_table(real, metrics, info)
