@@ -55,3 +55,20 @@ params: install
 # dvc.yaml is generated from the stage graph in spo/pipeline_spec.py (a unit test fails when they drift).
 dvc-yaml: install
 	$(BIN)/spo dvc-yaml > dvc.yaml.new && mv dvc.yaml.new dvc.yaml
+
+# The Python packages the lent GPU machine lacks (/work/.library/device/KINDS.md: Python 3.12, torch,
+# transformers, accelerate, peft, safetensors, ... but no diffusers, pydantic, ruamel.yaml), as wheels for
+# bench/gpu/check.sh, which installs only those still missing there. The pins are this venv's versions;
+# open-clip-torch only carries the CLIP BPE vocabulary file (never installed). ~10 MB: the device tool
+# carries at most 64 MiB per call (bench/RESULTS.md, "GPU check").
+GPU_WHEELS_DIR := bench/gpu/wheels
+GPU_WHEELS := diffusers==0.42.1 importlib-metadata==9.1.0 zipp==4.1.2 pydantic==2.14.4 pydantic-core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 ruamel.yaml==0.19.1 \
+	open-clip-torch==3.3.0
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+		-d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
+	du -sh $(GPU_WHEELS_DIR)
