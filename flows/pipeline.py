@@ -109,7 +109,33 @@ def _hash_paths(items: list[Path | str]) -> list[str]:
     return [hash_tree(p) if isinstance(p, Path) and p.exists() else f"absent:{p}" for p in items]
 
 
-def cache_key(stage: StageSpec, cfg: Config) -> str:
+def launch_fingerprint(accelerate_config: str | Path) -> dict[str, Any]:
+    """What an accelerate config changes in a stage's result: its settings (comments aside) -- above all
+    ``num_processes`` and ``num_machines``, which set the batch per step -- and the DeepSpeed JSON it names."""
+    import yaml
+
+    path = Path(accelerate_config)
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        return {"config": f"unreadable:{path}:{type(exc).__name__}"}
+    if not isinstance(settings, dict):
+        return {"config": f"not a mapping:{path}"}
+    out: dict[str, Any] = {
+        "num_processes": settings.get("num_processes"),
+        "num_machines": settings.get("num_machines"),
+        "settings": json_digest(settings, 16),
+    }
+    deepspeed = settings.get("deepspeed_config")
+    ds_file = deepspeed.get("deepspeed_config_file") if isinstance(deepspeed, dict) else None
+    if ds_file:  # accelerate resolves it from the working directory, as this does
+        out["deepspeed_config"] = _hash_paths([Path(ds_file)])[0]
+    return out
+
+
+def cache_key(stage: StageSpec, cfg: Config, accelerate_config: str | Path | None = None) -> str:
+    """``accelerate_config``: the stage runs under ``accelerate launch`` with it (its process count shapes
+    the result: pairs per optimizer step, data per process)."""
     payload = {
         "stage": stage.name,
         "config": cfg.section_hash(*stage.sections),
@@ -117,6 +143,8 @@ def cache_key(stage: StageSpec, cfg: Config) -> str:
         "code": code_hash(stage),
         "root": str(Path(cfg.paths.root).resolve()),
     }
+    if accelerate_config:  # absent in-process, so those keys stay what they were
+        payload["launch"] = launch_fingerprint(accelerate_config)
     return f"spo-{stage.name}-" + json_digest(payload, 24)
 
 
@@ -308,12 +336,20 @@ registry_task = task(
 
 
 def run_stage(
-    stage: StageSpec, cfg: Config, accelerate_config: str | None = None, resume: bool = False
+    stage: StageSpec,
+    cfg: Config,
+    accelerate_config: str | None = None,
+    resume: bool = False,
+    deployment: str | None = None,
 ) -> dict[str, Any]:
-    """The stage's task, skipped when the cache holds a record for its key whose outputs are still on disk."""
+    """The stage's task, skipped when the cache holds a record for its key whose outputs are still on disk.
+
+    ``deployment``: run it as a flow run of that ``spo-stage`` deployment (another work pool, e.g. GPU
+    workers) instead of in this process, and wait for it; its record in the shared stage cache is the result.
+    """
     started = time.monotonic()
     cache = StageCache(cfg.paths.root)
-    key = cache_key(stage, cfg)
+    key = cache_key(stage, cfg, accelerate_config)
     record = cache.get(key)
     if record is not None and record.get("outputs_hash") == outputs_hash(stage, cfg):
         _cached_stage(stage.name, key, str(record.get("recorded")))
@@ -323,9 +359,48 @@ def run_stage(
             get_run_logger().info(
                 "%s: cached result, but its outputs changed on disk; running it again", stage.name
             )
-        out, cached = STAGE_TASKS[stage.name](stage.name, cfg, accelerate_config, resume), False
-        cache.put(key, stage.name, out)
+        if deployment:
+            out, cached = dispatch_stage(stage, cfg, deployment, accelerate_config, resume, key), False
+        else:
+            out, cached = STAGE_TASKS[stage.name](stage.name, cfg, accelerate_config, resume), False
+            cache.put(key, stage.name, out)
     return {**out, "cached": cached, "seconds": round(time.monotonic() - started, 1)}
+
+
+def dispatch_stage(
+    stage: StageSpec, cfg: Config, deployment: str, accelerate_config: str | None, resume: bool, key: str
+) -> dict[str, Any]:
+    """Run ``stage`` as a flow run of the ``spo-stage`` deployment ``deployment`` and wait for it.
+
+    The child gets the resolved config itself (no params file on its worker needed) and nests its MLflow run
+    under this pipeline's. Both sides must see the project root at the same path (a shared volume) and run
+    the same spo code: the child's stage-cache record under ``key`` is how its result comes back."""
+    from prefect.deployments import run_deployment
+
+    parameters = {
+        "stage": stage.name,
+        "config": cfg.to_dict(),
+        "accelerate_config": accelerate_config,
+        "resume": resume,
+        "parent_run_id": tracking.pipeline_run_id(),
+    }
+    get_run_logger().info("%s: dispatched to deployment %s", stage.name, deployment)
+    child = run_deployment(deployment, parameters=parameters, timeout=None)
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "unknown"
+        raise SPOError(
+            f"{stage.name} ended {state} on deployment {deployment} (flow run {child.name}, {child.id}): "
+            f"{child.state.message if child.state else ''}. Its log is on that flow run; fix it and run the "
+            "pipeline again (finished stages come from the cache)."
+        )
+    record = StageCache(cfg.paths.root).get(key)
+    if record is None:
+        raise SPOError(
+            f"{stage.name} completed on deployment {deployment} (flow run {child.name}) but left no result "
+            f"under {StageCache(cfg.paths.root).dir.resolve()}: its worker must see this project root at "
+            "the same path (a shared volume) and run the same spo version."
+        )
+    return {"result": record["result"], "outputs_hash": record["outputs_hash"], "flow_run": str(child.id)}
 
 
 # -- the flow ------------------------------------------------------------------------------------------
@@ -336,6 +411,7 @@ def spo_pipeline(
     params_file: str | None = DEFAULT_PARAMS_FILE,
     accelerate_configs: dict[str, str] | None = None,
     resume: bool = False,
+    gpu_deployment: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole SPO pipeline; returns the summary (also published as Prefect artifacts).
 
@@ -343,14 +419,56 @@ def spo_pipeline(
     --params F`` does (``preset=None``: the params file's). ``accelerate_configs`` maps GPU stages
     (train_spm, train_spo, evaluate) to an accelerate config file; those stages then run under
     ``accelerate launch`` on all the worker's GPUs instead of in the flow's process. ``resume``: training
-    stages continue from their latest checkpoint of the same config (after a kill).
+    stages continue from their latest checkpoint of the same config (after a kill). ``gpu_deployment``
+    (e.g. ``spo-stage/spo-stage-gpu``): the GPU stages run as flow runs of that deployment of
+    :func:`spo_stage` (a GPU work pool) while the rest run here (deploy this flow on a CPU pool); both
+    pools' workers share the project root at the same path.
 
     The flow holds the project lock (spo/lock.py) throughout: a second pipeline or stage in the same
     project directory is refused with the holder's name instead of mixing checkpoints and outputs.
     """
     cfg = load_config(preset, overrides or [], params_file)
     with project_lock(cfg.paths.root, f"spo pipeline ({cfg.preset})"), stage_logs_to_prefect():
-        return _pipeline(cfg, accelerate_configs or {}, resume)
+        return _pipeline(cfg, accelerate_configs or {}, resume, gpu_deployment)
+
+
+STAGE_FLOW_NAME = "spo-stage"
+
+
+@flow(name=STAGE_FLOW_NAME, flow_run_name="{stage}", log_prints=True, persist_result=False)
+def spo_stage(
+    stage: str,
+    config: dict[str, Any],
+    accelerate_config: str | None = None,
+    resume: bool = False,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """One pipeline stage as its own flow run, dispatched by :func:`spo_pipeline` (``gpu_deployment``).
+
+    ``config`` is the pipeline's resolved config. No project lock here: the dispatching pipeline holds it
+    for the whole run. The stage's MLflow run nests under ``parent_run_id``; its result goes to the shared
+    stage cache, where the pipeline reads it."""
+    from pydantic import ValidationError
+
+    spec = STAGE_BY_NAME.get(stage)
+    if spec is None or spec.registry:
+        runnable = ", ".join(s.name for s in STAGES if not s.registry)
+        raise SPOError(f"spo-stage runs one of {runnable}, not {stage!r}")
+    try:
+        cfg = Config.model_validate(config)
+    except ValidationError as exc:
+        raise SPOError(f"spo-stage {stage}: the config sent by the pipeline does not validate: {exc}") from None
+    saved = os.environ.get("SPO_PARENT_RUN_ID")
+    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id or ""
+    try:
+        with stage_logs_to_prefect():
+            out = run_stage(spec, cfg, accelerate_config, resume)
+    finally:
+        if saved is None:
+            os.environ.pop("SPO_PARENT_RUN_ID", None)
+        else:
+            os.environ["SPO_PARENT_RUN_ID"] = saved
+    return {"stage": stage, "cached": out["cached"], "seconds": out["seconds"]}
 
 
 @contextlib.contextmanager
@@ -377,7 +495,7 @@ def stage_logs_to_prefect():
         spo_logger.setLevel(saved[1])
 
 
-def _pipeline(cfg: Config, launch: dict[str, str], resume: bool) -> dict[str, Any]:
+def _pipeline(cfg: Config, launch: dict[str, str], resume: bool, gpu_deployment: str | None = None) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     started = time.monotonic()
@@ -401,7 +519,8 @@ def _pipeline(cfg: Config, launch: dict[str, str], resume: bool) -> dict[str, An
         for stage in stages:
             if stage.registry:  # register, promote: below, never cached
                 continue
-            results[stage.name] = run_stage(stage, cfg, launch.get(stage.name), resume)
+            deployment = gpu_deployment if stage.gpu else None
+            results[stage.name] = run_stage(stage, cfg, launch.get(stage.name), resume, deployment)
             logger.info("%s: %s", stage.name, "cached" if results[stage.name]["cached"] else "done")
         registered = registry_task("register", cfg)["result"]
         decision = registry_task("promote", cfg)["result"]
@@ -624,18 +743,28 @@ def check_prefect_api(timeout: float = 5.0) -> None:
 
 
 def run_pipeline_cli(
-    preset: str | None, overrides: list[str], params_file: str | None, resume: bool = False
+    preset: str | None,
+    overrides: list[str],
+    params_file: str | None,
+    resume: bool = False,
+    accelerate_configs: dict[str, str] | None = None,
+    gpu_deployment: str | None = None,
 ) -> str:
     """``spo pipeline``: run the flow, return the printed summary. A stage's SPOError propagates as is.
 
     Without PREFECT_API_URL the flow runs against a temporary server that stops with this process, however
-    it ends (flows/server.py)."""
+    it ends (flows/server.py); dispatching to a deployment needs a real server, where its workers poll."""
     from flows.server import temporary_prefect_server
 
+    if gpu_deployment and not os.environ.get("PREFECT_API_URL"):
+        raise SPOError(
+            "--gpu-deployment needs the Prefect server the GPU workers poll: export PREFECT_API_URL=http://HOST:4200/api"
+        )
     check_prefect_api()
     with temporary_prefect_server():
         summary = spo_pipeline(
-            preset=preset or None, overrides=list(overrides), params_file=params_file, resume=resume
+            preset=preset or None, overrides=list(overrides), params_file=params_file, resume=resume,
+            accelerate_configs=accelerate_configs or {}, gpu_deployment=gpu_deployment,
         )
     return summary_text(summary)
 

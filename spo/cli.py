@@ -1,7 +1,7 @@
 """The ``spo`` command. Each stage command resolves the config and calls ``spo.stages.<stage>.run``.
 
 The stage commands, their help and options come from :data:`spo.pipeline_spec.STAGES`; ``config``,
-``pipeline``, ``generate``, ``export``, ``sweep``, ``plan`` and ``dvc-yaml`` are written out here.
+``pipeline``, ``generate``, ``export``, ``sweep``, ``plan``, ``launch-plan`` and ``dvc-yaml`` are written out here.
 
 Heavy libraries are imported inside the commands so that ``spo --help`` answers at once.
 """
@@ -121,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="training stages continue from their latest checkpoint of the same config (after a kill)",
     )
+    p.add_argument(
+        "--accelerate",
+        action="append",
+        default=[],
+        metavar="STAGE=FILE",
+        help="run a GPU stage (train_spm, train_spo, evaluate) under `accelerate launch --config_file FILE` "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--gpu-deployment",
+        default=None,
+        metavar="FLOW/DEPLOYMENT",
+        help="dispatch the GPU stages to this spo-stage deployment (e.g. spo-stage/spo-stage-gpu, served by a "
+        "GPU work pool's workers sharing this project root); needs PREFECT_API_URL",
+    )
 
     p = sub.add_parser("generate", help="generate an image from a registered model or a LoRA")
     _add_config_args(p)
@@ -177,6 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
+        "launch-plan",
+        help="print the multi-node launch of a GPU stage (accelerate commands per node, or a Kubernetes Job)",
+        description="Write out how to run one GPU stage on several nodes; runs nothing (spo/launch.py).",
+    )
+    p.add_argument("stage", help="train-spm, train or evaluate")
+    p.add_argument("--nodes", type=int, required=True, help="number of machines")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (default: %(default)s)")
+    p.add_argument("--main-ip", default=None, help="address of the rank-0 machine (accelerate commands)")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port (default: %(default)s)")
+    p.add_argument("--config-file", default=None, help="accelerate config (e.g. configs/accelerate/spm_zero2.yaml)")
+    p.add_argument("--kubernetes", action="store_true", help="print a headless Service + Indexed Job instead")
+    p.add_argument("--image", default="your-registry/spo:gpu", help="image for --kubernetes (default: %(default)s)")
+    p.add_argument("--claim", default="spo-shared", help="shared PVC for --kubernetes (default: %(default)s)")
+    p.add_argument("--namespace", default="default", help="namespace for --kubernetes (default: %(default)s)")
+    p.add_argument(
+        "--stage-args", default="", metavar="ARGS", help='arguments for the stage, e.g. "--preset sd15 --resume latest"'
+    )
+
+    p = sub.add_parser(
         "dvc-yaml",
         help="print dvc.yaml as generated from the stage graph (spo dvc-yaml > dvc.yaml)",
         description="Print dvc.yaml as generated from spo/pipeline_spec.py; --check compares it with a file.",
@@ -203,6 +237,7 @@ def _dispatch(args: argparse.Namespace) -> Any:
         "export": _cmd_export,
         "sweep": _cmd_sweep,
         "plan": _cmd_plan,
+        "launch-plan": _cmd_launch_plan,
     }
     return handlers[args.command](args)
 
@@ -210,7 +245,16 @@ def _dispatch(args: argparse.Namespace) -> Any:
 def _cmd_pipeline(args: argparse.Namespace) -> Any:
     from flows.pipeline import run_pipeline_cli
 
-    return run_pipeline_cli(args.preset, args.overrides, args.params, resume=args.resume)
+    launch = {}
+    for item in args.accelerate:
+        stage, sep, path = item.partition("=")
+        if not sep or not stage or not path:
+            raise ConfigError(f"--accelerate takes STAGE=FILE (e.g. train_spo=configs/accelerate/multi_gpu.yaml), not {item!r}")
+        launch[stage] = path
+    return run_pipeline_cli(
+        args.preset, args.overrides, args.params, resume=args.resume, accelerate_configs=launch,
+        gpu_deployment=args.gpu_deployment,
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> Any:
@@ -244,6 +288,28 @@ def _cmd_sweep(args: argparse.Namespace) -> Any:
         "table": str(cfg.paths.root / "reports" / "sweeps" / summary["name"] / "table.md"),
         **_headline(summary),
     }
+
+
+def _cmd_launch_plan(args: argparse.Namespace) -> None:
+    import shlex
+
+    from spo import launch
+
+    extra = tuple(shlex.split(args.stage_args))
+    common = dict(port=args.port, config_file=args.config_file, spo_args=extra)
+    if args.kubernetes:
+        import yaml
+
+        docs = launch.kubernetes_manifests(
+            args.stage, args.nodes, args.gpus_per_node, args.image, args.claim, namespace=args.namespace, **common
+        )
+        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+        return
+    if not args.main_ip:
+        raise ConfigError("--main-ip HOST is needed for the accelerate commands (or use --kubernetes)")
+    for rank, command in enumerate(launch.node_commands(args.stage, args.nodes, args.gpus_per_node, args.main_ip, **common)):
+        print(f"# node {rank}{' (rank 0: start it first, others connect to it)' if rank == 0 else ''}")
+        print(command)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:

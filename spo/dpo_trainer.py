@@ -42,6 +42,7 @@ from spo.models.lora import prepare_lora_policy, reference_unet
 from spo.pipeline_spec import artifact_path
 from spo.training import CheckpointManager, NonFiniteGuard, RunIdentity, require_sane, seed_generator
 from spo.training.checkpoints import Resumed
+from spo.training.launch import checked_accelerator
 from spo.utils import effective_mixed_precision, get_logger, require_path
 
 log = get_logger(__name__)
@@ -100,10 +101,9 @@ class DPOState:
 
 
 def make_accelerator(cfg):
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    return Accelerator(
+    return checked_accelerator(
         mixed_precision=effective_mixed_precision(cfg.dpo.mixed_precision),
         project_config=ProjectConfiguration(project_dir=str(artifact_path(cfg, "spo_checkpoints"))),
     )

@@ -21,7 +21,8 @@ optimizer steps on that pool (:meth:`SPOTrainer.train_pool`):
   ``save_state`` -- LoRA, optimizer, LR scheduler, RNG -- plus the run state :class:`SPOState` and the pool of
   not-yet-trained pairs) every ``spo.checkpoint_every`` optimizer steps and at each epoch end; a resumed run
   ends with the same LoRA as an uninterrupted one (all randomness is drawn from seed streams keyed by
-  (seed, epoch, iteration, process), :func:`spo.training.seed_generator`).
+  (seed, epoch, iteration, process), :func:`spo.training.seed_generator`). On another process count it
+  continues the epoch at the same prompt (``SPOState.prompt_offset`` counts prompts of all processes).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from spo.pipeline_spec import artifact_path
 from spo.sampling import CandidateSampler, PairBatch, SamplerStats, ddim_step_with_logprob
 from spo.training import CheckpointManager, NonFiniteGuard, RunIdentity, require_sane, seed_generator
 from spo.training.checkpoints import Resumed
+from spo.training.launch import checked_accelerator
 from spo.utils import effective_mixed_precision, get_logger
 
 log = get_logger(__name__)
@@ -87,6 +89,9 @@ class SPOState:
 
     epoch: int = 0
     iteration: int = 0  # the next iteration of ``epoch`` to sample
+    # Prompts of this epoch sampled so far by all processes together: a checkpoint resumes on any process
+    # count from here (an iteration index alone would mean a different prompt on another count).
+    prompt_offset: int = 0
     global_step: int = 0  # optimizer steps taken
     counters: dict[str, float] = field(default_factory=_new_counters)
     curves: list[dict[str, Any]] = field(default_factory=list)  # one row per optimizer step
@@ -111,10 +116,9 @@ class SPOState:
 
 
 def make_accelerator(cfg):
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    return Accelerator(
+    return checked_accelerator(
         mixed_precision=effective_mixed_precision(cfg.spo.mixed_precision),
         project_config=ProjectConfiguration(project_dir=str(artifact_path(cfg, "spo_checkpoints"))),
     )
@@ -219,6 +223,7 @@ class SPOTrainer:
             RunIdentity.for_config(cfg, SECTIONS, self.world),
             keep=self.scfg.checkpoints_total_limit,
             accelerator=accelerator,
+            elastic=True,  # the data position is SPOState.prompt_offset, in prompts of all processes
             name="SPO checkpoint",
         )
         self.state = SPOState()
@@ -344,7 +349,22 @@ class SPOTrainer:
             self.state = SPOState.from_dict(resumed.state, PairBatch.from_state_dict(pool) if pool else None)
             self.guard.load_state_dict(resumed.state.get("nonfinite", {}))
             s = self.state
-            log.info("resumed at epoch %d, iteration %d, step %d", s.epoch, s.iteration, s.global_step)
+            saved_world = int(resumed.meta.get("num_processes", self.world))
+            if "prompt_offset" not in resumed.state:  # written before the offset was stored
+                saved_spo = resumed.meta.get("config", {}).get("spo", {})
+                per = int(saved_spo.get("sample_batch_size", self.scfg.sample_batch_size))
+                s.prompt_offset = s.iteration * per * saved_world
+            log.info(
+                "resumed at epoch %d, iteration %d (prompt %d of %d), step %d",
+                s.epoch, s.iteration, min(s.prompt_offset, len(self.prompts)), len(self.prompts), s.global_step,
+            )
+            if saved_world != self.world and self.main:
+                log.warning(
+                    "%s was written by %d process(es), this run has %d: the epoch continues at the same "
+                    "prompt, with %d pairs per optimizer step instead of %d (the LR schedule counts steps)",
+                    resumed.path, saved_world, self.world, self.pairs_per_step,
+                    self.pairs_per_step // self.world * saved_world,
+                )
         if self.main:
             log.info(
                 "SPO: %d prompts, %d epochs x %d iterations, %d process(es); %d pairs per optimizer step "
@@ -374,7 +394,7 @@ class SPOTrainer:
         into the pool and the sampler counts into the state; returns the iteration's sampling metrics."""
         s, scfg, acc = self.state, self.scfg, self.accelerator
         per, order = scfg.sample_batch_size, self._prompt_order(s.epoch)
-        first = (s.iteration * self.world + self.rank) * per
+        first = s.prompt_offset + self.rank * per
         prompts = [self.prompts[order[(first + j) % len(self.prompts)]] for j in range(per)]
         generator = seed_generator(scfg.seed, s.epoch, s.iteration, self.rank)
         self.unet.eval()
@@ -398,7 +418,12 @@ class SPOTrainer:
         self.tracker.log_metrics({f"spo/sampling_{k}": v for k, v in sampling.items()}, step=s.global_step)
         log.debug("epoch %d, iteration %d/%d: %s", s.epoch, s.iteration + 1, self.iters_per_epoch, sampling)
         s.iteration += 1
+        s.prompt_offset += per * self.world
         return sampling
+
+    def epoch_done(self) -> bool:
+        """Every prompt of the epoch sampled (the last iteration wraps round to fill its batch)."""
+        return self.state.prompt_offset >= len(self.prompts)
 
     def _take_step(self, batch: PairBatch) -> None:
         """One optimizer step on ``batch`` (split evenly over the processes), accounted in the state."""
@@ -438,7 +463,7 @@ class SPOTrainer:
 
     def end_epoch(self) -> None:
         s = self.state
-        s.epoch, s.iteration, s.last_checkpoint_step = s.epoch + 1, 0, s.global_step
+        s.epoch, s.iteration, s.prompt_offset, s.last_checkpoint_step = s.epoch + 1, 0, 0, s.global_step
         self.save_checkpoint()
 
     def save_checkpoint(self) -> Path | None:

@@ -444,6 +444,8 @@ def stage_tracker(cfg: Any, stage: str) -> Iterator[Tracker]:
     parent = _PIPELINE_RUN[-1] if _PIPELINE_RUN else os.environ.get("SPO_PARENT_RUN_ID") or None
     init_store(cfg)  # before lineage_tags, which searches the store for the runs that made the inputs
     tags = {**lineage_tags(cfg, stage), "mlflow.note.content": _stage_description(cfg, stage)}
+    # The launcher's process count (1 in-process): it shapes a training stage's result (pairs per step).
+    tags["spo.num_processes"] = os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1"
     with _run(cfg, f"{stage} {run_label(cfg)}", tags, parent, system_metrics=True) as tracker:
         tracker.log_params(cfg.flat())
         tracker.log_dict(redact_tree(cfg.to_dict()), "config/resolved_config.json")

@@ -190,7 +190,7 @@ def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) 
     )
     trainer.train_pool()  # a resumed pool
     while state.epoch < cfg.spo.num_epochs:
-        while state.iteration < trainer.iters_per_epoch:
+        while not trainer.epoch_done():
             trainer.sample_iteration()
             trainer.train_pool()
             loss = f"{state.curves[-1]['loss']:.4f}" if state.curves else "-"

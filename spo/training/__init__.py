@@ -8,6 +8,8 @@
 * :mod:`~spo.training.seeds` -- reproducible seed streams keyed by (seed, epoch, step, process, ...);
 * :mod:`~spo.training.curves` -- one CSV curve writer;
 * :mod:`~spo.training.schedules` -- the learning-rate schedules (warm-up then constant / linear / cosine).
+* :mod:`~spo.training.launch` -- the Accelerator of every trainer, refused when the launcher started more
+  processes than accelerate joined (``WORLD_SIZE`` vs ``num_processes``).
 
 The LoRA policy SPO and Diffusion-DPO both train is :func:`spo.models.lora.prepare_lora_policy`.
 """

@@ -18,7 +18,9 @@ Rules (the same for base, SPM and SPO):
   another config is an error that says how to choose. **``--resume PATH``**: that checkpoint, with a
   warning listing every config key that differs.
 * **Process count.** A checkpoint resumes on the process count it was written with unless the trainer
-  stores its data position in global units (``elastic=True``); otherwise it is refused with both counts.
+  stores its data position in global units (``elastic=True``: SPO, whose position is the prompts sampled
+  by all processes); otherwise (SPM, DPO: their stream position is per process) it is refused with
+  both counts.
 * **Atomic.** A checkpoint is written into ``.checkpoint-<step>.tmp`` and renamed once its state file is in;
   half-written folders are never listed and are swept on the next start. A non-finite state is never
   written. Rotation keeps the newest ``keep`` checkpoints of this run.
@@ -219,11 +221,18 @@ class CheckpointManager:
             )
         saved_world = int(meta.get("num_processes", self.identity.num_processes))
         if saved_world != self.identity.num_processes and not self.elastic:
+            relaunch = (
+                f"accelerate launch --num_processes {saved_world} ...; on a host without GPUs with "
+                "ACCELERATE_USE_CPU=true and --multi_gpu"
+                if saved_world > 1
+                else "without accelerate launch, or with --num_processes 1"
+            )
             raise SPOError(
                 f"{path} was written by {saved_world} process(es) but this run has "
-                f"{self.identity.num_processes}; its data position is per process, so resuming would skip or "
-                f"repeat data. Relaunch with {saved_world} process(es) (accelerate launch --num_processes "
-                f"{saved_world}), or start a fresh run without --resume."
+                f"{self.identity.num_processes}; the data position of {_article(self.name)} {self.name} is per "
+                f"process, so resuming on another count would skip or repeat data. Relaunch on {saved_world} "
+                f"process(es) ({relaunch}), or start a fresh run without --resume (its checkpoints are "
+                "moved aside)."
             )
         if meta.get("run_id"):  # a resumed run continues the lineage of its checkpoint
             self.identity = RunIdentity(

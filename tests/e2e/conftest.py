@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
-from e2e_helpers import PIPELINE_SMALL, REPO, project_cfg, sh, subprocess_env
+from e2e_helpers import PIPELINE_SMALL, PREFECT_CLI, REPO, project_cfg, sh, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +85,48 @@ def dvc_clone(tmp_path_factory):
     sh([*git, "commit", "-qm", "spo"], clone, env)
     first = sh(["dvc", "repro"], clone, env)
     return clone, env, first.stdout + first.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free port with its own PREFECT_HOME; yields (api_url, env)."""
+    port = _free_port()
+    env = subprocess_env(
+        PREFECT_HOME=str(tmp_path / "prefect_home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",  # schedule runs now, not within the minute
+    )
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(1)
+        else:
+            pytest.fail(
+                "prefect server did not come up in 180 s:\n" + (tmp_path / "server.log").read_text()[-2000:]
+            )
+        yield api, {**env, "PREFECT_API_URL": api}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()

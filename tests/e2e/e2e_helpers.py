@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+PREFECT_CLI = str(Path(sys.executable).with_name("prefect"))
 
 
 def project_cfg(root: Path, store_uri: str, *overrides: str):

@@ -30,7 +30,7 @@ from spo.pipeline_spec import (
 )
 
 REPO = repo_root()
-EXPLICIT_COMMANDS = {"config", "pipeline", "generate", "export", "dvc-yaml", "sweep", "plan"}
+EXPLICIT_COMMANDS = {"config", "pipeline", "generate", "export", "dvc-yaml", "sweep", "plan", "launch-plan"}
 
 
 def _cfg(tmp_path, *overrides):
