@@ -16,7 +16,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint bench clean params dvc-yaml
+.PHONY: install run test lint bench clean params dvc-yaml plots
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ clean:
 # params.yaml is the resolved tiny preset (the DVC params file); regenerate after editing spo/presets/tiny.yaml.
 params: install
 	{ head -n 2 params.yaml; $(BIN)/spo config --preset tiny --params /dev/null; } > params.yaml.new && mv params.yaml.new params.yaml
+
+# dvc plots show with vega inlined (DVC's page loads it from a CDN: blank offline). npm fetches it once.
+plots: install
+	test -f .dvc/tmp/plots-offline.html || bash scripts/dvc_plots_offline.sh .dvc/tmp/plots-offline.html
+	PATH=$(BIN):$$PATH dvc plots show --html-template .dvc/tmp/plots-offline.html
 
 # dvc.yaml is generated from the stage graph in spo/pipeline_spec.py (a unit test fails when they drift).
 dvc-yaml: install

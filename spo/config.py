@@ -186,6 +186,34 @@ class BaseTrainConfig(Section):
     tiny_decoder_lr: float = Field(2e-3, gt=0)
 
 
+class SPMLoaderConfig(Section):
+    """How the SPM's training and validation pairs are read (spo/data/pickapic.py, ``PairStream``).
+
+    Each process reads only the source row groups it consumes; the batch order depends on the seed, the
+    epoch, the process count and ``lanes`` -- never on ``num_workers``.
+    """
+
+    # DataLoader worker processes reading row groups and decoding + resizing JPEGs; 0 = in the training
+    # process (for debugging). Must divide ``lanes``.
+    num_workers: int = Field(2, ge=0)
+    # Batches each worker prepares ahead of the training loop.
+    prefetch_factor: int = Field(2, ge=1)
+    # Independent row-group streams per process, interleaved batch by batch (a worker reads only its own lanes').
+    lanes: int = Field(4, ge=1)
+    # Shuffle buffer: pairs are shuffled within blocks of this many row groups of a lane. A process holds at most
+    # 2 * lanes * shuffle_row_groups row groups of its own rows' JPEG bytes (lower both for huge row groups).
+    shuffle_row_groups: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _workers_divide_lanes(self) -> SPMLoaderConfig:
+        if self.num_workers and self.lanes % self.num_workers:
+            raise ValueError(
+                f"num_workers ({self.num_workers}) must divide lanes ({self.lanes}): otherwise every worker reads "
+                "every lane's row groups"
+            )
+        return self
+
+
 class SPMConfig(Section):
     """Step-aware preference model training (``spo train-spm``).
 
@@ -239,6 +267,7 @@ class SPMConfig(Section):
     # False: the SPM never sees the timestep (every image is scored as if t = 0, in training and in SPO) --
     # the paper's "SPM w/o step condition" ablation (Table 5). Saved with the model.
     step_conditioned: bool = True
+    loader: SPMLoaderConfig = SPMLoaderConfig()
 
     @field_validator("eval_timesteps")
     @classmethod

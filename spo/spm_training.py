@@ -36,6 +36,7 @@ from spo.pipeline_spec import artifact_path
 from spo.results import StageResult
 from spo.sampling import predict_x0
 from spo.training import CheckpointManager, CurveWriter, NonFiniteGuard, all_finite, seed_generator
+from spo.training.launch import checked_accelerator
 from spo.utils import atomic_write_bytes, effective_mixed_precision, get_logger, require_path, torch_dtype
 
 log = get_logger(__name__)
@@ -286,7 +287,10 @@ def pair_streams(cfg):
     train_path = require_path(artifact_path(cfg, "spm_train_pairs"), "prepared SPM training pairs", hint)
     val_path = require_path(artifact_path(cfg, "spm_val_pairs"), "prepared SPM validation pairs", hint)
     res, bs, seed, root = cfg.spm_resolution, cfg.spm.batch_size, cfg.spm.seed, cfg.paths.root
-    common = dict(root=root, on_bad_image=cfg.spm.on_bad_image, max_bad_pairs=cfg.spm.max_bad_pairs)
+    common = dict(
+        root=root, on_bad_image=cfg.spm.on_bad_image, max_bad_pairs=cfg.spm.max_bad_pairs,
+        **cfg.spm.loader.model_dump(),
+    )
     train = PairStream(train_path, cfg.data.source, res, bs, seed, shuffle=True, drop_last=True, **common)
     val = PairStream(val_path, cfg.data.source, res, bs, seed, shuffle=False, drop_last=False, **common)
     if len(train) == 0:
@@ -310,10 +314,9 @@ def base_model(cfg, device) -> DiffusionAdapter:
 
 def make_accelerator(cfg, project_dir: Path):
     """The accelerate Accelerator of SPM training (mixed precision and accumulation from ``spm.*``)."""
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    return Accelerator(
+    return checked_accelerator(
         mixed_precision=effective_mixed_precision(cfg.spm.mixed_precision),
         gradient_accumulation_steps=cfg.spm.grad_accum,
         project_config=ProjectConfiguration(project_dir=str(project_dir)),

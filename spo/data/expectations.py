@@ -15,7 +15,9 @@ Four suites run per split, each on a pandas DataFrame (GX 1.24 fluent API, ephem
     judged twice -- within the chunk; ``global`` repeats these on the whole split's ids when it spans
     several chunks.
 ``jpeg_sample`` -- ``data.gx_jpeg_sample`` rows drawn with a seeded generator: ``jpg_0`` and ``jpg_1``
-    decode (decoding all 583k pairs of v1 would take hours).
+    decode (decoding all 583k pairs of v1 would take hours). Rows are drawn only from row groups small
+    enough to read whole, within a byte budget (:func:`jpeg_sample_rows`); a source with none is reported
+    as a warning, not read.
 
 Results go to ``reports/data_validation/`` (swapped in atomically, on success and on failure):
 ``index.html`` and its pages (GX Data Docs), ``validation_result.json`` (every run's GX result plus the
@@ -270,6 +272,52 @@ def _decodable(data: bytes | None) -> bool:
         return False
 
 
+
+# A parquet reader reads a column chunk whole (one Pick-a-Pic row group holds up to ~1,000 rows of ~0.5 MB of
+# JPEG each, often in a single page), so a sampled row costs its row group's image bytes: the sample draws only
+# from row groups up to JPEG_GROUP_BYTES and reads at most JPEG_SAMPLE_BYTES in all.
+JPEG_GROUP_BYTES = 64 << 20
+JPEG_SAMPLE_BYTES = 256 << 20
+
+
+def jpeg_sample_rows(
+    source: ParquetSource, meta: pa.Table, n: int, rng: np.random.Generator,
+    group_bytes: int = JPEG_GROUP_BYTES, budget_bytes: int = JPEG_SAMPLE_BYTES,
+) -> np.ndarray:
+    """Up to ``n`` metadata rows (sorted) drawn at random among the rows whose row groups are small enough,
+    such that the row groups they fall in hold at most ``budget_bytes`` of ``jpg_*`` bytes together."""
+    files = np.asarray(meta.column("source_file").to_pylist(), dtype=object)
+    rows = meta.column("source_row").to_numpy()
+    group_key = np.zeros(meta.num_rows, np.int64)  # a global row-group id per metadata row
+    cost = np.zeros(meta.num_rows, np.int64)
+    next_id = 0
+    for rel in sorted(set(files.tolist())):
+        md = source.parquet_file(rel).metadata
+        image_cols = [j for j in range(md.num_columns) if md.schema.column(j).name in ("jpg_0", "jpg_1")]
+        ends = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        sizes = np.array(
+            [sum(md.row_group(g).column(j).total_compressed_size for j in image_cols) for g in range(len(ends))],
+            np.int64,
+        )
+        mask = files == rel
+        groups = np.minimum(np.searchsorted(ends, rows[mask], side="right"), len(ends) - 1)
+        group_key[mask], cost[mask] = next_id + groups, sizes[groups]
+        next_id += len(ends)
+    eligible = np.flatnonzero(cost <= min(group_bytes, budget_bytes))
+    chosen, groups_read, spent = [], set(), 0
+    for i in rng.permutation(eligible):
+        g = int(group_key[i])
+        if g not in groups_read:
+            if spent + cost[i] > budget_bytes:
+                continue
+            groups_read.add(g)
+            spent += int(cost[i])
+        chosen.append(int(i))
+        if len(chosen) == n:
+            break
+    return np.sort(np.asarray(chosen, np.int64))
+
+
 class SourceValidator:
     """Runs the suites and collects their results; :meth:`finish` writes the report and returns it.
 
@@ -439,11 +487,19 @@ class SourceValidator:
             return True
         # One seeded stream per split name, so adding a split does not change another's sample.
         rng = np.random.default_rng([self.seed, *split.encode()])
-        picks = np.sort(rng.choice(meta.num_rows, size=n, replace=False))
+        picks = jpeg_sample_rows(source, meta, n, rng)
+        if picks.size == 0:
+            self._failures[(split, "jpeg_sample", "skipped")] = Failure(
+                split, "jpeg_sample", "jpeg_sample_skipped", "jpg_0, jpg_1", "warning",
+                note=f"not checked: every row group holds more than {JPEG_GROUP_BYTES >> 20} MiB of image bytes, "
+                "and a parquet reader cannot read less than a row group; decodability is checked while "
+                "training (spm.on_bad_image)",
+            )
+            return True
         sample = meta.take(pa.array(picks)).select(ROW_ID_COLUMNS)
         files = sample.column("source_file").to_pylist()
         rows = sample.column("source_row").to_numpy()
-        ok0, ok1 = np.zeros(n, bool), np.zeros(n, bool)
+        ok0, ok1 = np.zeros(picks.size, bool), np.zeros(picks.size, bool)
         for rel in sorted(set(files)):
             sel = np.array([f == rel for f in files])
             got = read_rows(source, rel, rows[sel], ["jpg_0", "jpg_1"])

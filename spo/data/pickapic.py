@@ -18,7 +18,7 @@ Image bytes are not copied
     The prepared pair tables (``data/prepared/spm_train``, ``spm_val``) hold metadata and a *reference* to
     the source row -- ``source_file`` (shard path relative to the source root, or the hub path) and
     ``source_row`` (row index inside that shard) -- instead of 2 × ~175 KB of JPEG per pair (204 GB for
-    v1). :class:`PairStream` fetches the referenced rows' ``jpg_0``/``jpg_1`` shard by shard while
+    v1). :class:`PairStream` fetches the referenced rows' ``jpg_0``/``jpg_1`` row group by row group while
     training, and checks each row's image uids against the pair table so a changed source cannot silently
     feed the wrong images. The data card records the source root, revision and a fingerprint of every
     shard used (local: size + sha256 of the parquet footer, which holds every row group's offsets, sizes
@@ -47,9 +47,7 @@ import json
 import os
 import re
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -542,12 +540,23 @@ def decode_image(jpeg_bytes: bytes, resolution: int) -> torch.Tensor:
 class PairStream:
     """Batches of SPM training pairs with their decoded images, streamed from the source shards.
 
-    Epoch order, deterministic for (seed, epoch): shard order shuffled, rows shuffled within each shard,
-    then rows shuffled again within windows of ``buffer_rows`` (a multiple of the batch size) so a batch
-    mixes neighbouring shards. Images are fetched window by window -- only the rows this process needs,
-    only their row groups -- so memory holds at most one window of JPEG bytes. ``skip_batches`` resumes
-    mid-epoch without reading the skipped images. With several processes, the epoch's batch list is dealt
-    round-robin and cut to equal length (the remainder, < num_processes batches, is dropped).
+    The unit of reading is a source row group: each one a process needs is read once (its image columns),
+    by one process, so N processes together read the source about once per epoch.
+
+    Epoch plan, deterministic for (seed, epoch, num_processes, ``lanes``) -- never for ``num_workers``:
+    the row groups holding pairs are shuffled, and the rows within each; their pairs, in that order, are cut into equal contiguous
+    chunks, one per process (the tail of fewer than ``num_processes`` batches is dropped), and each chunk into
+    ``lanes`` contiguous lanes; in a lane, pairs are shuffled within blocks of ``shuffle_row_groups`` row
+    groups and cut into batches; the process's batch ``t`` is batch ``t // lanes`` of lane ``t % lanes``. A
+    lane shares at most its first and last row group with a neighbour, and holds at most one block of JPEG
+    bytes (plus < one batch carried over from the previous block), so a process holds the rows of at most
+    ``2 * lanes * shuffle_row_groups`` row groups. With ``shuffle=False`` row groups and pairs stay in table order.
+
+    ``iter_epoch`` runs the plan in a :class:`torch.utils.data.DataLoader` with ``num_workers`` processes
+    (JPEG decode + resize in the workers, ``prefetch_factor`` batches ahead each): worker ``w`` makes batches
+    ``t ≡ w (mod num_workers)``, which the DataLoader returns in ``t`` order, so the order is the same for any
+    worker count; ``num_workers`` must divide ``lanes`` so that a worker reads only its own lanes' row groups.
+    ``skip_batches`` resumes mid-epoch without reading the skipped row groups.
 
     An undecodable JPEG fails the run (``on_bad_image="fail"``) or, with ``"skip"``, its pair stays in the
     batch as a masked pair -- grey images, tie labels, weight 0 -- so it adds nothing to the loss or to the
@@ -567,8 +576,10 @@ class PairStream:
         shuffle: bool = True,
         drop_last: bool = True,
         *,
-        buffer_rows: int = 2048,
-        decode_workers: int = 4,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        lanes: int = 4,
+        shuffle_row_groups: int = 2,
         revision: str | None = None,
         root: str | Path | None = None,
         on_bad_image: str = "fail",
@@ -576,6 +587,13 @@ class PairStream:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if lanes < 1 or shuffle_row_groups < 1 or num_workers < 0 or prefetch_factor < 1:
+            raise ValueError("lanes, shuffle_row_groups and prefetch_factor must be >= 1, num_workers >= 0")
+        if num_workers and lanes % num_workers:
+            raise SPOError(
+                f"spm.loader.num_workers={num_workers} does not divide spm.loader.lanes={lanes}: each worker "
+                "would read every lane's row groups. Choose num_workers among the divisors of lanes."
+            )
         self.pairs = read_pairs(pairs_path)
         missing = [
             c
@@ -592,16 +610,35 @@ class PairStream:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.window_batches = max(1, buffer_rows // batch_size)
-        self.decode_workers = decode_workers
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.lanes, self.shuffle_row_groups = lanes, shuffle_row_groups
         self._files = self.pairs.column("source_file").to_pylist()
-        self._file_codes = _caption_codes(self.pairs.column("source_file"))
         self._rows = self.pairs.column("source_row").to_numpy()
-        self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        self._units = self._row_group_ids()
         if on_bad_image not in ("fail", "skip"):
             raise ValueError(f"on_bad_image must be 'fail' or 'skip', not {on_bad_image!r}")
         self.on_bad_image, self.max_bad_pairs = on_bad_image, max_bad_pairs
         self.bad_pairs: list[dict[str, Any]] = []  # {"ranking_id", "source_file", "source_row", "error"}
+        self.peak_row_groups = 0  # most row groups' rows held at once by one lane reader (this process)
+
+    def _row_group_ids(self) -> np.ndarray:
+        """For each pair, the id of its source row group (ordered by shard, then row group)."""
+        files = np.asarray(self._files, dtype=object)
+        units = np.zeros(len(files), np.int64)
+        next_id = 0
+        for rel in sorted(set(self._files)):
+            md = self.source.parquet_file(rel).metadata
+            ends = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
+            mask = files == rel
+            rows = self._rows[mask]
+            if rows.size and (not len(ends) or rows.max() >= ends[-1]):
+                raise DataValidationError(
+                    f"shard {rel} has {int(ends[-1]) if len(ends) else 0} rows but the pair table refers to row "
+                    f"{int(rows.max())}: the source changed since `spo prepare`; run it again"
+                )
+            units[mask] = next_id + np.searchsorted(ends, rows, side="right")
+            next_id += len(ends)
+        return units
 
     def __len__(self) -> int:
         return self.num_batches()
@@ -611,74 +648,76 @@ class PairStream:
         total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
         return total // num_processes
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        n = self.pairs.num_rows
-        if not self.shuffle:
-            return np.arange(n)
-        rng = np.random.default_rng([self.seed, epoch])
-        by_file = np.argsort(self._file_codes, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, np.diff(self._file_codes[by_file]) != 0, True])
-        groups = [by_file[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
-        order = (
-            np.concatenate([rng.permutation(groups[g]) for g in rng.permutation(len(groups))])
-            if groups
-            else np.arange(0)
-        )
-        window = self.window_batches * self.batch_size
-        for start in range(0, n, window):
-            rng.shuffle(order[start : start + window])
-        return order
-
-    def batch_indices(self, epoch: int, process_index: int = 0, num_processes: int = 1) -> list[np.ndarray]:
-        """Pair-table row indices of each batch this process gets in ``epoch``."""
-        return self._epoch_batches(epoch, process_index, num_processes)[0]
-
-    def _epoch_batches(
+    def _lane_batches(
         self, epoch: int, process_index: int, num_processes: int
-    ) -> tuple[list[np.ndarray], list[int]]:
+    ) -> list[tuple[list[np.ndarray], np.ndarray]]:
+        """Each lane of this process in ``epoch`` (see the class doc): its batches (pair-table row indices)
+        and the offsets where its shuffle blocks start in the concatenated batches (with the end)."""
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
-        order = self._epoch_order(epoch)
-        bs = self.batch_size
-        total = len(order) // bs if self.drop_last else -(-len(order) // bs)
-        mine = list(range(process_index, total, num_processes))[: total // num_processes]
-        return [order[b * bs : (b + 1) * bs] for b in mine], mine
+        n, bs, lanes = self.pairs.num_rows, self.batch_size, self.lanes
+        unit_ids = np.unique(self._units)
+        rng = np.random.default_rng([self.seed, epoch])
+        position = np.empty(int(unit_ids.max()) + 1 if unit_ids.size else 0, np.int64)
+        position[unit_ids] = rng.permutation(unit_ids.size) if self.shuffle else np.arange(unit_ids.size)
+        # Rows shuffled within each row group too: a group split between two lanes (or processes) is split
+        # at random, not into its first and last rows.
+        within = rng.random(n) if self.shuffle else self._rows
+        order = np.lexsort((within, position[self._units])) if n else np.arange(0)
+        per_process = self.num_batches(num_processes)
+        pairs_here = min(per_process * bs, n // num_processes)
+        mine = order[process_index * pairs_here : (process_index + 1) * pairs_here]
+        counts = [len(range(lane, per_process, lanes)) * bs for lane in range(lanes)]
+        if per_process:
+            counts[(per_process - 1) % lanes] -= per_process * bs - pairs_here  # a short last batch
+        lane_rng = np.random.default_rng([self.seed, epoch, num_processes, process_index, lanes])
+        out, start = [], 0
+        for count in counts:
+            lane = mine[start : start + count].copy()
+            start += count
+            units = self._units[lane]
+            firsts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]]) if lane.size else np.zeros(0, np.int64)
+            blocks = np.r_[firsts[:: self.shuffle_row_groups], lane.size].astype(np.int64)
+            if self.shuffle:
+                for b0, b1 in zip(blocks[:-1], blocks[1:], strict=True):
+                    lane_rng.shuffle(lane[b0:b1])
+            out.append(([lane[i : i + bs] for i in range(0, lane.size, bs)], blocks))
+        return out
+
+    def batch_indices(self, epoch: int, process_index: int = 0, num_processes: int = 1) -> list[np.ndarray]:
+        """Pair-table row indices of each batch this process gets in ``epoch``, in the order it gets them."""
+        lanes = self._lane_batches(epoch, process_index, num_processes)
+        return [lanes[t % self.lanes][0][t // self.lanes] for t in range(self.num_batches(num_processes))]
 
     def iter_epoch(
         self, epoch: int, skip_batches: int = 0, process_index: int = 0, num_processes: int = 1
     ) -> Iterator[dict[str, Any]]:
-        batches, global_ids = self._epoch_batches(epoch, process_index, num_processes)
-        batches, global_ids = batches[skip_batches:], global_ids[skip_batches:]
-        window_of = [g // self.window_batches for g in global_ids]
-        with ThreadPoolExecutor(max_workers=max(1, self.decode_workers)) as pool:
-            start = 0
-            while start < len(batches):
-                end = start
-                while end < len(batches) and window_of[end] == window_of[start]:
-                    end += 1
-                images = self._read_images(np.concatenate(batches[start:end]))
-                for idx in batches[start:end]:
-                    yield self._make_batch(idx, images, pool)
-                start = end
+        from torch.utils.data import DataLoader
 
-    def _parquet(self, rel: str) -> pq.ParquetFile:
-        if rel not in self._open:
-            self._open[rel] = self.source.parquet_file(rel)
-            while len(self._open) > 8:
-                self._open.popitem(last=False)
-        self._open.move_to_end(rel)
-        return self._open[rel]
+        plan = _epoch_plan_class()(
+            self, self._lane_batches(epoch, process_index, num_processes), skip_batches,
+            self.num_batches(num_processes),
+        )
+        loader = (
+            DataLoader(plan, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+            if self.num_workers
+            else plan
+        )
+        for batch in loader:
+            for i, error in batch.pop("bad_pairs"):
+                self._skip(i, error)
+            yield batch
 
-    def _read_images(self, idx: np.ndarray) -> dict[int, tuple[bytes, bytes]]:
-        """JPEG bytes of pair-table rows ``idx``, shard by shard, checked against the pair table's uids."""
+    def _read_block(self, idx: np.ndarray, files: dict[str, pq.ParquetFile]) -> dict[int, tuple[bytes, bytes]]:
+        """JPEG bytes of pair-table rows ``idx``, row group by row group, checked against the table's uids."""
         out: dict[int, tuple[bytes, bytes]] = {}
-        codes = self._file_codes[idx]
-        for code in np.unique(codes):
-            sel = idx[codes == code]
+        units = self._units[idx]
+        for unit in np.unique(units):
+            sel = idx[units == unit]
             rel = self._files[int(sel[0])]
-            rows = read_rows(
-                self.source, rel, self._rows[sel], self.IMAGE_READ_COLUMNS, pf=self._parquet(rel)
-            )
+            if rel not in files:
+                files[rel] = self.source.parquet_file(rel)
+            rows = read_rows(self.source, rel, self._rows[sel], self.IMAGE_READ_COLUMNS, pf=files[rel])
             want = self.pairs.take(pa.array(sel)).select(["image_0_uid", "image_1_uid"]).to_pydict()
             got_0, got_1 = rows.column("image_0_uid").to_pylist(), rows.column("image_1_uid").to_pylist()
             j0, j1 = rows.column("jpg_0").to_pylist(), rows.column("jpg_1").to_pylist()
@@ -723,15 +762,13 @@ class PairStream:
                 "`spo prepare`, or raise spm.max_bad_pairs."
             )
 
-    def _make_batch(
-        self, idx: np.ndarray, images: dict[int, tuple[bytes, bytes]], pool: ThreadPoolExecutor
-    ) -> dict[str, Any]:
+    def _make_batch(self, idx: np.ndarray, images: dict[int, tuple[bytes, bytes]]) -> dict[str, Any]:
+        """A batch; pairs that cannot be decoded (skip policy) are masked and listed under ``bad_pairs``."""
         import torch
 
         ids = [int(i) for i in idx]
         n = len(ids)
-        jobs = [(i, images[i][0]) for i in ids] + [(i, images[i][1]) for i in ids]
-        decoded = list(pool.map(lambda job: self._decode(*job), jobs))
+        decoded = [self._decode(i, images[i][0]) for i in ids] + [self._decode(i, images[i][1]) for i in ids]
         sub = self.pairs.take(pa.array(idx))
 
         def floats(name: str) -> torch.Tensor:
@@ -743,17 +780,79 @@ class PairStream:
             "label_1": floats("label_1"),
             "weight": floats("weight"),
             "ranking_id": torch.from_numpy(sub.column("ranking_id").to_numpy().astype(np.int64)),
+            "bad_pairs": [],
         }
-        bad = [k for k in range(n) if isinstance(decoded[k], str) or isinstance(decoded[n + k], str)]
-        for k in bad:
+        for k in range(n):
             errors = [d for d in (decoded[k], decoded[n + k]) if isinstance(d, str)]
-            self._skip(ids[k], "; ".join(errors))
+            if not errors:
+                continue
+            batch["bad_pairs"].append((ids[k], "; ".join(errors)))
             grey = torch.zeros(3, self.resolution, self.resolution)
             decoded[k], decoded[n + k] = grey, grey
             batch["label_0"][k] = batch["label_1"][k] = 0.5
             batch["weight"][k] = 0.0
         batch["image_0"], batch["image_1"] = torch.stack(decoded[:n]), torch.stack(decoded[n:])
         return batch
+
+
+class _LaneReader:
+    """One lane's batches in order, reading its pairs' images one shuffle block at a time."""
+
+    def __init__(
+        self, stream: PairStream, batches: list[np.ndarray], blocks: np.ndarray, files: dict[str, pq.ParquetFile]
+    ):
+        self.stream, self.batches, self.blocks, self.files = stream, batches, blocks, files
+        self.seq = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        self.ends = np.cumsum([len(b) for b in batches])
+        self.loaded_to = 0  # positions [0, loaded_to) of seq have been read (or skipped)
+        self.held: dict[int, tuple[bytes, bytes]] = {}
+
+    def batch(self, j: int) -> dict[str, Any]:
+        idx = self.batches[j]
+        end = int(self.ends[j])
+        start = end - len(idx)
+        self.loaded_to = max(self.loaded_to, start)  # resumed: the skipped batches are not read
+        while self.loaded_to < end:
+            block_end = int(self.blocks[np.searchsorted(self.blocks, self.loaded_to, side="right")])
+            self.held.update(self.stream._read_block(self.seq[self.loaded_to : block_end], self.files))
+            self.loaded_to = block_end
+            held_units = np.unique(self.stream._units[np.fromiter(self.held, np.int64, len(self.held))])
+            self.stream.peak_row_groups = max(self.stream.peak_row_groups, len(held_units))
+        return self.stream._make_batch(idx, {int(i): self.held.pop(int(i)) for i in idx})
+
+
+_EPOCH_PLAN: type | None = None
+
+
+def _epoch_plan_class() -> type:
+    """The torch IterableDataset of one process's epoch (defined on first use: importing this module must not
+    import torch)."""
+    global _EPOCH_PLAN
+    if _EPOCH_PLAN is not None:
+        return _EPOCH_PLAN
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class EpochPlan(IterableDataset):
+        """Worker ``w`` of ``W`` makes the batches t ≡ skip + w (mod W), t < total, in order."""
+
+        def __init__(self, stream: PairStream, lanes, skip: int, total: int):
+            super().__init__()
+            self.stream, self.lanes, self.skip, self.total = stream, lanes, skip, total
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            info = get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info else (0, 1)
+            files: dict[str, pq.ParquetFile] = {}  # opened here: a worker shares no handles with the parent
+            readers: dict[int, _LaneReader] = {}
+            n_lanes = len(self.lanes)
+            for t in range(self.skip + worker, self.total, workers):
+                lane = t % n_lanes
+                if lane not in readers:
+                    readers[lane] = _LaneReader(self.stream, *self.lanes[lane], files)
+                yield readers[lane].batch(t // n_lanes)
+
+    _EPOCH_PLAN = EpochPlan
+    return EpochPlan
 
 
 def load_data_card(prepared_dir: str | Path) -> dict[str, Any]:

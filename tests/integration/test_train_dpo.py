@@ -112,17 +112,24 @@ def test_dpo_run_trains_on_decisive_pairs_and_writes_the_spo_outputs(trained):
 
 def test_dpo_loss_on_a_fixed_batch_starts_at_log2_and_goes_down(tiny_project):
     """LoRA B = 0: policy == reference, loss exactly log 2 and no pair counted as correct; optimizer steps on
-    one fixed batch (fresh t and ε each step) bring that batch's loss (at fixed t, ε) below log 2. The random
-    tiny UNet carries no preference signal to generalise from, so this checks the objective and its sign."""
+    one fixed batch with fixed draws (VAE samples, t, ε: the step stays 0) bring the loss on exactly those
+    draws below log 2. The random tiny UNet carries no preference signal to generalise across t and ε from
+    (fresh draws per step made this seed-dependent), so this checks the objective, its gradient and its sign."""
     cfg = dpo_cfg(tiny_project, "dpo.lr=0.001", "dpo.grad_accum=1")
     trainer = build_trainer(cfg)
     start, start_acc = held_loss(trainer)
     assert start == pytest.approx(math.log(2), abs=1e-6) and start_acc == 0.0
     batch = next(iter(trainer.stream.iter_epoch(0)))
+
+    def loss_on_the_training_draws() -> tuple[float, float]:
+        with torch.no_grad():  # the generator optimizer_step uses for step 0, micro-batch 0
+            out, _ = trainer.pair_losses(batch, seed_generator(cfg.dpo.seed, 0, 0, trainer.rank))
+        return out.loss.item(), out.implicit_acc.item()
+
+    assert loss_on_the_training_draws()[0] == pytest.approx(math.log(2), abs=1e-6)
     for _ in range(10):
         assert trainer.optimizer_step([batch]) is not None
-        trainer.state.global_step += 1  # new t, ε and VAE samples next step
-    end, end_acc = held_loss(trainer)
+    end, end_acc = loss_on_the_training_draws()
     assert end < start - 0.02 and end_acc > 0.5, (start, end, end_acc)
 
 

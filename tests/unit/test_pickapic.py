@@ -300,7 +300,7 @@ def stream_world(tmp_path_factory):
 
 
 def _stream(root, src, **kw):
-    args = dict(resolution=32, batch_size=8, seed=3, buffer_rows=16, decode_workers=2)
+    args = dict(resolution=32, batch_size=8, seed=3, lanes=2, shuffle_row_groups=1)
     args.update(kw)
     return P.PairStream(root / "pairs", src, **args)
 
@@ -315,8 +315,13 @@ def test_pair_stream_epochs_are_deterministic_permutations(stream_world):
     assert np.array_equal(e0, np.concatenate(_stream(root, src, drop_last=False).batch_indices(0)))
     assert not np.array_equal(e0, np.concatenate(s.batch_indices(1)))
     assert len(_stream(root, src).batch_indices(0)) == n // 8 == len(_stream(root, src))
-    unshuffled = np.concatenate(_stream(root, src, shuffle=False, drop_last=False).batch_indices(0))
-    assert unshuffled.tolist() == list(range(n))
+    one_lane = np.concatenate(_stream(root, src, shuffle=False, drop_last=False, lanes=1).batch_indices(0))
+    assert one_lane.tolist() == list(range(n))
+    # Two lanes, 70 pairs in 9 batches: lane 0 takes batches 0, 2, .., 8 (the last one short: 4 x 8 + 6 = 38
+    # pairs, rows 0-37), lane 1 batches 1, 3, 5, 7 (rows 38-69); the batches alternate between them.
+    assert n == 70
+    two = _stream(root, src, shuffle=False, drop_last=False).batch_indices(0)
+    assert [int(b[0]) for b in two] == [0, 38, 8, 46, 16, 54, 24, 62, 32] and len(two[-1]) == 6
 
 
 def test_pair_stream_batches_carry_the_right_images_and_labels(stream_world):
