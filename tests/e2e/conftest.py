@@ -9,16 +9,22 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
-from e2e_helpers import PIPELINE_SMALL, PREFECT_CLI, REPO, project_cfg, sh, subprocess_env
+from e2e_helpers import (
+    PIPELINE_SMALL,
+    PREFECT_CLI,
+    REPO,
+    free_port,
+    project_cfg,
+    sh,
+    subprocess_env,
+    wait_for_http,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +93,10 @@ def dvc_clone(tmp_path_factory):
     return clone, env, first.stdout + first.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def prefect_server(tmp_path):
     """`prefect server start` on a free port with its own PREFECT_HOME; yields (api_url, env)."""
-    port = _free_port()
+    port = free_port()
     env = subprocess_env(
         PREFECT_HOME=str(tmp_path / "prefect_home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -112,19 +112,7 @@ def prefect_server(tmp_path):
     )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            time.sleep(1)
-        else:
-            pytest.fail(
-                "prefect server did not come up in 180 s:\n" + (tmp_path / "server.log").read_text()[-2000:]
-            )
+        wait_for_http(f"{api}/health", server, tmp_path / "server.log", 180, "prefect server")
         yield api, {**env, "PREFECT_API_URL": api}
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,28 @@ def write_eval_metrics(cfg, gains: dict[str, tuple[float, float, float]]) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, seconds: float, what: str) -> None:
+    """Until ``url`` answers 200; fails with the end of ``log`` if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"{what} exited:\n" + log.read_text()[-3000:]
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not up in {seconds:.0f} s:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -14,12 +14,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e_helpers import PIPELINE_SMALL, REPO, project_cfg, sh
+from e2e_helpers import PIPELINE_SMALL, REPO, free_port, project_cfg, sh, wait_for_http
 
 from spo import tracking
 from spo.pipeline_spec import artifact_path
@@ -57,14 +55,6 @@ def _shot(page, name: str) -> None:
     if SCREENSHOT_DIR:
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT_DIR / name))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read(cfg, name: str) -> dict:
@@ -107,7 +97,7 @@ def runs(tmp_path_factory, dvc_clone, prefect_harness):
 def mlflow_ui(runs, tmp_path_factory):
     """`mlflow server` on the runs' store, as the README starts `mlflow ui`; killed with its workers at the end."""
     cwd = tmp_path_factory.mktemp("mlflow_server")  # the server's default artifact folder lands here
-    port = _free_port()
+    port = free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     env = {**os.environ, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -134,19 +124,7 @@ def mlflow_ui(runs, tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, (
-                "mlflow server not up in 120 s:\n" + log_path.read_text()[-3000:]
-            )
-            time.sleep(0.5)
+        wait_for_http(f"{url}/health", proc, log_path, 120, "mlflow server")
         yield url
     finally:
         if proc.poll() is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from e2e_helpers import PIPELINE_SMALL, project_cfg
+from e2e_helpers import PIPELINE_SMALL, free_port, project_cfg, wait_for_http
 from mlflow import MlflowClient
 
 from spo import tracking
@@ -273,14 +273,6 @@ def test_mlflow_views_compare_parent_runs(first, project):
     assert f"--backend-store-uri {tracking.display_uri(cfg)}" in first["mlflow"]["ui"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_with_png(first, project, tmp_path):
     """MLflow's own `mlflow models serve` on the registered model, as the README documents it."""
     import base64
@@ -288,14 +280,13 @@ def test_mlflow_models_serve_answers_with_png(first, project, tmp_path):
     import os
     import subprocess
     import sys
-    import time
     import urllib.request
 
     from PIL import Image
 
     reg = first["registry"]
     alias = "champion" if reg["champion"] else "challenger"  # the tiny gate may reject the LoRA
-    port = _free_port()
+    port = free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     env = {  # the server execs `uvicorn` from PATH: the environment's bin first, as in an activated venv
         **os.environ,
@@ -323,17 +314,7 @@ def test_mlflow_models_serve_answers_with_png(first, project, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not up in 180 s"
-            time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log", 180, "mlflow models serve")
         body = {"inputs": ["a red circle"], "params": {"num_inference_steps": 2, "output": "png_base64"}}
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
