@@ -157,16 +157,19 @@ def test_mlflow_parent_run_nests_stage_runs_with_lineage(first, project):
     assert version.tags["lineage.data_prepared_md5"] == prepared_md5
 
 
-def test_prefect_artifacts_published(first):
+def test_prefect_artifacts_published(first, project):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    tracking.init_store(project["cfg"])  # other modules' flow runs publish the same keys: this run's only
+    flow_run_id = MlflowClient().get_run(first["mlflow"]["run_id"]).data.tags["prefect.flow_run_id"]
     with get_client(sync_client=True) as client:
         arts = {
             a.key: a
             for a in client.read_artifacts(
                 artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=["spo-tiny-summary", "spo-tiny-eval", "spo-tiny-spm-accuracy"])
+                    key=ArtifactFilterKey(any_=["spo-tiny-summary", "spo-tiny-eval", "spo-tiny-spm-accuracy"]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
                 )
             )
         }
