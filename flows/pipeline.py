@@ -458,16 +458,9 @@ def spo_stage(
         cfg = Config.model_validate(config)
     except ValidationError as exc:
         raise SPOError(f"spo-stage {stage}: the config sent by the pipeline does not validate: {exc}") from None
-    saved = os.environ.get("SPO_PARENT_RUN_ID")
-    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id or ""
-    try:
-        with stage_logs_to_prefect():
-            out = run_stage(spec, cfg, accelerate_config, resume)
-    finally:
-        if saved is None:
-            os.environ.pop("SPO_PARENT_RUN_ID", None)
-        else:
-            os.environ["SPO_PARENT_RUN_ID"] = saved
+    # Through the tracking stack, not the environment: an `accelerate launch`ed stage gets it from there too.
+    with tracking.nested_under(parent_run_id), stage_logs_to_prefect():
+        out = run_stage(spec, cfg, accelerate_config, resume)
     return {"stage": stage, "cached": out["cached"], "seconds": out["seconds"]}
 
 

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "launch-plan",
         help="print the multi-node launch of a GPU stage (accelerate commands per node, or a Kubernetes Job)",
-        description="Write out how to run one GPU stage on several nodes; runs nothing (spo/launch.py).",
+        description="Write out how to run one GPU stage on several nodes; runs nothing (spo/launch_plan.py).",
     )
     p.add_argument("stage", help="train-spm, train or evaluate")
     p.add_argument("--nodes", type=int, required=True, help="number of machines")
@@ -293,21 +293,21 @@ def _cmd_sweep(args: argparse.Namespace) -> Any:
 def _cmd_launch_plan(args: argparse.Namespace) -> None:
     import shlex
 
-    from spo import launch
+    from spo import launch_plan
 
     extra = tuple(shlex.split(args.stage_args))
     common = dict(port=args.port, config_file=args.config_file, spo_args=extra)
     if args.kubernetes:
         import yaml
 
-        docs = launch.kubernetes_manifests(
+        docs = launch_plan.kubernetes_manifests(
             args.stage, args.nodes, args.gpus_per_node, args.image, args.claim, namespace=args.namespace, **common
         )
         print(yaml.safe_dump_all(docs, sort_keys=False), end="")
         return
     if not args.main_ip:
         raise ConfigError("--main-ip HOST is needed for the accelerate commands (or use --kubernetes)")
-    for rank, command in enumerate(launch.node_commands(args.stage, args.nodes, args.gpus_per_node, args.main_ip, **common)):
+    for rank, command in enumerate(launch_plan.node_commands(args.stage, args.nodes, args.gpus_per_node, args.main_ip, **common)):
         print(f"# node {rank}{' (rank 0: start it first, others connect to it)' if rank == 0 else ''}")
         print(command)
 

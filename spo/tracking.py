@@ -534,6 +534,20 @@ def group_run(cfg: Any, run_name: str, tags: dict[str, str] | None = None) -> It
             _PIPELINE_RUN.pop()
 
 
+@contextlib.contextmanager
+def nested_under(run_id: str | None) -> Iterator[None]:
+    """Stage runs opened inside (in this process or launched from it) nest under ``run_id``: the pipeline's
+    run when a stage was dispatched to another process by the pipeline (flows/pipeline.py:spo_stage)."""
+    if not run_id:
+        yield
+        return
+    _PIPELINE_RUN.append(run_id)
+    try:
+        yield
+    finally:
+        _PIPELINE_RUN.pop()
+
+
 def pipeline_run_id() -> str | None:
     """The parent run of the pipeline running in this process, if any."""
     return _PIPELINE_RUN[-1] if _PIPELINE_RUN else None

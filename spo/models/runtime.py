@@ -26,8 +26,6 @@ def compile_in_place(module: torch.nn.Module, runtime) -> None:
 
 def apply_runtime(runtime, device: str | torch.device, *, unet=None, vae=None, spm=None) -> None:
     """Apply ``runtime`` to whichever of the networks are given (None: not loaded here)."""
-    if runtime is None:
-        return
     if wants_channels_last(runtime, device):
         for module in (unet, vae):
             if module is not None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from accelerate.commands.launch import launch_command_parser
 
-from spo import cli, launch
+from spo import cli, launch_plan
 from spo.errors import SPOError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def _parse(argv: list[str]):
 
 
 def test_each_node_gets_its_rank_and_all_share_the_rendezvous():
-    commands = launch.node_commands("train", 3, 8, "10.0.0.1", spo_args=("--preset", "sd15"))
+    commands = launch_plan.node_commands("train", 3, 8, "10.0.0.1", spo_args=("--preset", "sd15"))
     assert len(commands) == 3
     for rank, command in enumerate(commands):
         args = _parse(shlex.split(command))
@@ -37,7 +37,7 @@ def test_each_node_gets_its_rank_and_all_share_the_rendezvous():
 
 
 def test_kubernetes_indexed_job_ranks_pods_by_completion_index():
-    service, job = launch.kubernetes_manifests(
+    service, job = launch_plan.kubernetes_manifests(
         "train-spm", 2, 4, "reg/spo:gpu", "pvc", config_file="configs/accelerate/spm_zero2.yaml"
     )
     spec = job["spec"]
@@ -61,7 +61,7 @@ def test_kubernetes_indexed_job_ranks_pods_by_completion_index():
 
 def test_only_gpu_stages_have_launch_plans(capsys):
     with pytest.raises(SPOError, match="GPU stages"):
-        launch.node_commands("prepare", 2, 8, "h")
+        launch_plan.node_commands("prepare", 2, 8, "h")
     assert cli.main(["launch-plan", "register", "--nodes", "2", "--main-ip", "h"]) != 0
     assert cli.main(["launch-plan", "train", "--nodes", "2"]) != 0
     assert "--main-ip" in capsys.readouterr().err
