@@ -2,7 +2,7 @@
 exercises each code path -- the run issue #10 asked for. Not part of ``make test``.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/realsize.py --arch sd15 --resolution 256
-    OMP_NUM_THREADS=2 .venv/bin/python bench/realsize.py --arch sdxl --resolution 256
+    OMP_NUM_THREADS=2 .venv/bin/python bench/realsize.py --arch sdxl --resolution 512
     OMP_NUM_THREADS=1 .venv/bin/python bench/realsize.py --arch sd15 --small     # toy widths, ~2 min
 
 What it does (``--work``, default /tmp/spo_realsize/<arch>-<res>):
@@ -12,11 +12,13 @@ What it does (``--work``, default /tmp/spo_realsize/<arch>-<res>):
    relabelling model and (SD-1.5) as the ``pickscore`` scorer;
 2. makes the data with the tiny world's generator (``spo.stages.synth.run(cfg, force=True)`` with
    ``synthetic.image_size`` = the resolution, a few rows) and ``spo.stages.prepare.run``;
-3. runs ``train_spm`` (2 steps), ``train_spo`` (1 iteration, 1 prompt, 4 DDIM steps, k = 2, threshold 0 so
-   pairs are kept, gradient checkpointing on; SDXL: MSPO inner steps j = 2), ``evaluate`` (1 prompt x 2
-   images per model) and ``register`` -- each in its own subprocess, exactly as the CLI does:
+3. runs ``train_spm`` (2 steps; Adafactor, as fp32 AdamW on the 1.3 B SPM does not fit 24 GB beside the
+   base model), ``train_spo`` (1 iteration, 1 prompt, 4 DDIM steps, k = 2, threshold 0 so pairs are kept,
+   gradient checkpointing on; SDXL: MSPO inner steps j = 2), ``evaluate`` (1 prompt x 2 images per model)
+   and ``register`` -- each in its own subprocess, exactly as the CLI does:
    ``load_config(preset, --set overrides)`` + ``tracking.stage_tracker(cfg, stage)`` + ``stage.run(cfg)``,
-   MLflow on a temporary sqlite store.
+   MLflow on a temporary sqlite store. SDXL runs with ``runtime.cpu_bf16`` (bf16 frozen weights, bf16
+   autocast: the accelerator's mixed-precision path), SD-1.5 in fp32.
 
 Per stage it records peak RSS (the child's ``ru_maxrss``), seconds, UNet batch rows, VAE decoder / encoder
 rows and CLIP vision-tower rows (global forward hooks, so no stage internals are touched), selected numbers
@@ -102,10 +104,18 @@ def overrides(arch: str, res: int, work: Path, models: Path, small: bool) -> lis
         "tracking.enabled=true",
         f"tracking.tracking_uri=sqlite:///{work}/mlflow/mlflow.db",
     ]
+    if not small:
+        # fp32 AdamW on the 1.3 B-parameter SPM needs 21 GB (weights, gradients, two moments) beside the base
+        # model: over a 24 GB host. Adafactor's factored state is a few MB.
+        o += ["spm.optimizer=adafactor", "spm.lr=1e-3"]
     if arch == "sdxl":
         # the separate (fp16-fix) VAE path; MSPO inner steps; no third ViT-H in memory at evaluation
         o += [f"model.vae={pipe}/vae", "spo.num_inner_steps=2", "eval.scorers=[spm]",
               "registry.primary_metric=spm"]
+        if not small:
+            # SDXL's 3.4 B frozen parameters are 13.9 GB in fp32: bf16 weights and autocast (the GPU's
+            # mixed-precision path) leave room for the SPM.
+            o += ["runtime.cpu_bf16=true"]
     else:
         o += ["eval.scorers=[spm,pickscore]", "registry.primary_metric=pickscore"]
     return o

@@ -104,7 +104,7 @@ def make_accelerator(cfg):
     from accelerate.utils import ProjectConfiguration
 
     return checked_accelerator(
-        mixed_precision=effective_mixed_precision(cfg.dpo.mixed_precision),
+        mixed_precision=effective_mixed_precision(cfg.dpo.mixed_precision, cfg.runtime.cpu_bf16),
         project_config=ProjectConfiguration(project_dir=str(artifact_path(cfg, "spo_checkpoints"))),
     )
 

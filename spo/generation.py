@@ -25,7 +25,7 @@ import torch
 
 from spo.errors import SPOError
 from spo.pipeline_spec import artifact_path
-from spo.utils import atomic_write_bytes, atomic_write_json, get_logger, json_digest, torch_dtype
+from spo.utils import atomic_write_bytes, atomic_write_json, get_logger, json_digest, weight_dtype
 
 log = get_logger(__name__)
 
@@ -232,7 +232,7 @@ def generate_pairs(
         check_lora_weights(lora_file, cfg.spo.max_lora_weight)
     proto = protocol(cfg)
     pipe = load_pipeline(
-        cfg.model, device=device, dtype=torch_dtype(cfg.model.dtype, torch.device(device).type)
+        cfg.model, device=device, dtype=weight_dtype(cfg, device)
     )
     generated["base"] = generate_missing(pipe, caches["base"], jobs, proto, cfg.eval.batch_size)
     if caches["spo"].missing(jobs):

@@ -37,7 +37,7 @@ from spo.results import StageResult
 from spo.sampling import predict_x0
 from spo.training import CheckpointManager, CurveWriter, NonFiniteGuard, all_finite, seed_generator
 from spo.training.launch import checked_accelerator
-from spo.utils import atomic_write_bytes, effective_mixed_precision, get_logger, require_path, torch_dtype
+from spo.utils import atomic_write_bytes, effective_mixed_precision, get_logger, require_path, weight_dtype
 
 log = get_logger(__name__)
 
@@ -279,6 +279,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, spm) -> torch.optim.Optimizer:
+    """``spm.optimizer`` over :func:`param_groups` (both decay decoupled from the gradient step)."""
+    groups = param_groups(model, spm.weight_decay)
+    if spm.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=spm.lr)
+    return torch.optim.AdamW(groups, lr=spm.lr)
+
+
 def pair_streams(cfg):
     """The prepared SPM training stream (shuffled, full batches) and validation stream (in order)."""
     from spo.data.pickapic import PairStream
@@ -303,7 +311,7 @@ def pair_streams(cfg):
 
 def base_model(cfg, device) -> DiffusionAdapter:
     """The frozen base diffusion model (``model.*``) that renders the x̂0 images."""
-    dtype = torch_dtype(cfg.model.dtype, str(torch.device(device).type))
+    dtype = weight_dtype(cfg, device)
     pipe = load_pipeline(cfg.model, device=device, dtype=dtype, cfg=cfg)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)
@@ -317,7 +325,7 @@ def make_accelerator(cfg, project_dir: Path):
     from accelerate.utils import ProjectConfiguration
 
     return checked_accelerator(
-        mixed_precision=effective_mixed_precision(cfg.spm.mixed_precision),
+        mixed_precision=effective_mixed_precision(cfg.spm.mixed_precision, cfg.runtime.cpu_bf16),
         gradient_accumulation_steps=cfg.spm.grad_accum,
         project_config=ProjectConfiguration(project_dir=str(project_dir)),
     )

@@ -238,19 +238,28 @@ def torch_device() -> str:
     return "cpu"
 
 
-def torch_dtype(name: str, device: str | None = None):
-    """Config dtype name -> torch dtype; CPU always computes in fp32 (half kernels are slow or missing)."""
+def torch_dtype(name: str, device: str | None = None, cpu_bf16: bool = False):
+    """Config dtype name -> torch dtype. CPU computes in fp32 (half kernels are slow or missing) unless
+    ``runtime.cpu_bf16`` asks for bf16 weights, the accelerator's mixed-precision path."""
     import torch
 
     device = device or torch_device()
     if device == "cpu":
-        return torch.float32
+        return torch.bfloat16 if cpu_bf16 else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[name]
 
 
-def effective_mixed_precision(name: str) -> str:
-    """accelerate's mixed_precision, downgraded to "no" on CPU where fp16 autocast is unsupported."""
-    return name if torch_device() == "cuda" else "no"
+def weight_dtype(cfg, device):
+    """The frozen networks' dtype for ``cfg`` on ``device`` (``model.dtype``, ``runtime.cpu_bf16``)."""
+    return torch_dtype(cfg.model.dtype, str(getattr(device, "type", device)).split(":")[0], cfg.runtime.cpu_bf16)
+
+
+def effective_mixed_precision(name: str, cpu_bf16: bool = False) -> str:
+    """accelerate's mixed_precision: as configured on CUDA; on CPU "no" (fp16 autocast is unsupported there),
+    or "bf16" with ``runtime.cpu_bf16`` so that fp32 trained parameters meet bf16 frozen weights under autocast."""
+    if torch_device() == "cuda":
+        return name
+    return "bf16" if cpu_bf16 else "no"
 
 
 def require_path(path: str | Path, what: str, hint: str) -> Path:

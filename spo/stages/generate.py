@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spo.utils import atomic_write_bytes, get_logger, torch_device, torch_dtype
+from spo.utils import atomic_write_bytes, get_logger, torch_device, weight_dtype
 
 log = get_logger(__name__)
 
@@ -42,7 +42,7 @@ def run(
         raise SPOError(f"the output must be a .png file (got {output})")
 
     device = torch_device()
-    pipe = load_pipeline(cfg.model, device=device, dtype=torch_dtype(cfg.model.dtype, device), cfg=cfg)
+    pipe = load_pipeline(cfg.model, device=device, dtype=weight_dtype(cfg, device), cfg=cfg)
     lora_file = None
     if model is not None:
         lora_file = resolve_lora(model, cfg)

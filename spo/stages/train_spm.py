@@ -36,8 +36,8 @@ from spo.spm_training import (
     load_relabeller,
     log_accuracy,
     make_accelerator,
+    make_optimizer,
     pair_streams,
-    param_groups,
     tail_mean,
     write_reports,
 )
@@ -132,7 +132,7 @@ def _build_trainer(cfg, accelerator, train_stream, val_stream, checkpoints, time
     model.enable_gradient_checkpointing(spm.gradient_checkpointing)
     model.to(device).train()
     relabeller = load_relabeller(cfg, processor, device) if spm.relabel else None
-    optimizer = torch.optim.AdamW(param_groups(model, spm.weight_decay), lr=spm.lr)
+    optimizer = make_optimizer(model, spm)
     # Stepped by hand once per optimizer step (SPMTrainer.end_step), so it is not prepared.
     schedule = warmup_schedule("linear", spm.warmup_steps, spm.max_steps)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

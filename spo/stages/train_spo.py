@@ -34,7 +34,7 @@ from spo.pipeline_spec import artifact_path
 from spo.results import StageResult
 from spo.spo_trainer import CURVE_FIELDS, SECTIONS, SPOTrainer, make_accelerator, set_tf32
 from spo.training import CurveWriter
-from spo.utils import get_logger, hash_tree, torch_dtype
+from spo.utils import get_logger, hash_tree, weight_dtype
 
 log = get_logger(__name__)
 
@@ -173,7 +173,7 @@ def run(cfg, resume: str | None = None, scorer=None, method: str | None = None) 
     set_tf32(cfg.spo.allow_tf32)
     prompts = read_train_prompts(cfg)
     acc = make_accelerator(cfg)
-    dtype = torch_dtype(cfg.model.dtype, acc.device.type)
+    dtype = weight_dtype(cfg, acc.device)
     pipe = load_pipeline(cfg.model, device=acc.device, dtype=dtype, cfg=cfg)
     if scorer is None:
         scorer = load_scorer(cfg, acc.device, dtype)
@@ -289,7 +289,7 @@ def run_dpo(cfg, resume: str | None = None) -> TrainSPOResult:
     started = time.time()
     set_tf32(cfg.spo.allow_tf32)
     acc = make_dpo_accelerator(cfg)
-    dtype = torch_dtype(cfg.model.dtype, acc.device.type)
+    dtype = weight_dtype(cfg, acc.device)
     pipe = load_pipeline(cfg.model, device=acc.device, dtype=dtype, cfg=cfg)
     trainer = DPOTrainer(cfg, acc, DiffusionAdapter(pipe, cfg.dpo.image_resolution or cfg.model.resolution))
     resumed = trainer.start(resume)

@@ -15,7 +15,7 @@ from spo_test_helpers import make_cfg
 
 from spo import spm_training
 from spo.errors import ModelLoadError, NonFiniteError
-from spo.models.preference import load_spm
+from spo.models.preference import TimeConditionedCLIP, load_spm
 from spo.stages import train_spm
 
 EVAL_T = ["0", "251", "501", "701", "951"]
@@ -83,6 +83,27 @@ def test_train_spm_outputs_and_resume_continue_the_same_run(tiny_project):
     # The initial-model accuracy travels with the checkpoint instead of being recomputed differently.
     metrics_b = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
     assert metrics_b["initial_accuracy"] == metrics["initial_accuracy"]
+
+
+def test_adafactor_keeps_a_factored_state_trains_and_resumes_exactly(tiny_project):
+    """spm.optimizer=adafactor: its checkpointed state is a small fraction of the weights (AdamW's is twice
+    them), the model moves, and a resume restores that state -- steps after it repeat exactly."""
+    cfg = _cfg(tiny_project, "spm.optimizer=adafactor", "spm.lr=1e-2", "spm.eval_timesteps=[0]")
+    initial = TimeConditionedCLIP.from_clip(cfg.resolve_ref(cfg.spm.init), time_embed_dim=cfg.spm.time_embed_dim)
+    train_spm.run(cfg)
+    trained = load_spm(cfg.paths.spm_model).state_dict()
+    moved = [k for k, v in initial.state_dict().items() if not torch.equal(trained[k], v)]
+    assert len(moved) > len(trained) // 2
+
+    ckpt = cfg.paths.checkpoints / "spm" / "checkpoint-2"
+    optimizer_bytes = sum(f.stat().st_size for f in ckpt.glob("optimizer*"))
+    model_bytes = sum(f.stat().st_size for f in ckpt.glob("model*"))
+    assert 0 < optimizer_bytes < 0.25 * model_bytes
+
+    shutil.rmtree(cfg.paths.spm_model)
+    train_spm.run(cfg, resume=str(ckpt))
+    for k, v in load_spm(cfg.paths.spm_model).state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -333,6 +333,33 @@ def test_tiny_sdxl_run_completes_with_inner_steps(tmp_path, tiny_models_root):
     assert stock.get_active_adapters()
 
 
+def test_cpu_bf16_runs_the_accelerator_mixed_precision_path(tmp_path, tiny_models_root):
+    """runtime.cpu_bf16 on the SDXL path (the real-size run needs it): every UNet call sees bf16 frozen
+    weights, the gradient-carrying ones under bf16 autocast, and the saved LoRA stays fp32."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    cfg = spo_cfg(
+        tmp_path, tiny_models_root, "runtime.cpu_bf16=true", "spo.num_inner_steps=2", "spo.num_steps=5", arch="sdxl"
+    )
+    seen = []  # (frozen weight dtype, autocast on, grad on) per UNet call
+
+    def hook(module, args, out):
+        if isinstance(module, UNet2DConditionModel):
+            seen.append((module.conv_in.weight.dtype, torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        summary = train_spo.run(cfg, scorer=BrightnessScorer())
+    finally:
+        handle.remove()
+    assert summary["optimizer_steps"] > 0 and math.isfinite(summary["final_loss"])
+    assert seen and {dtype for dtype, _, _ in seen} == {torch.bfloat16}
+    assert all(autocast for _, autocast, grad in seen if grad) and any(grad for _, _, grad in seen)
+    lora = load_file(str(cfg.paths.lora / "pytorch_lora_weights.safetensors"))
+    assert lora and {v.dtype for v in lora.values()} == {torch.float32}
+
+
 @pytest.mark.slow
 def test_two_processes_reshard_kept_pairs_without_dropping_any(tmp_path, tiny_models_root):
     """`spo train` under torchrun with 2 CPU processes (gloo): each samples its own prompts, the kept pairs are
