@@ -7,6 +7,9 @@ comma  := ,
 # metrics (spo[metrics]) is installed by scripts/install_metrics.sh, which picks the torchvision build for torch.
 PIP_EXTRAS := $(subst $() ,$(comma),$(strip $(filter-out metrics,$(subst $(comma), ,$(EXTRAS)))))
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# dev: the real CLIP vocabulary for the real-size builders' tests (tests/unit/test_realsize.py). Without
+# torchvision open_clip does not import, and is not meant to: only its bpe_simple_vocab_16e6.txt.gz is read.
+BPE_VOCAB_WHEEL := open-clip-torch==3.3.0
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE ?= 1
@@ -25,6 +28,7 @@ $(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_metrics.sh
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	bash scripts/install_torch.sh $(BIN)/pip
 	$(BIN)/python -m pip install --quiet -e ".$(if $(PIP_EXTRAS),[$(PIP_EXTRAS)])"
+	$(if $(filter dev,$(subst $(comma), ,$(EXTRAS))),$(BIN)/python -m pip install --quiet --no-deps $(BPE_VOCAB_WHEEL))
 	$(if $(filter metrics,$(subst $(comma), ,$(EXTRAS))),bash scripts/install_metrics.sh $(BIN)/pip .)
 	touch $(STAMP)
 
@@ -69,7 +73,7 @@ dvc-yaml: install
 GPU_WHEELS_DIR := bench/gpu/wheels
 GPU_WHEELS := diffusers==0.42.1 importlib-metadata==9.1.0 zipp==4.1.2 pydantic==2.14.4 pydantic-core==2.50.5 \
 	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 ruamel.yaml==0.19.1 \
-	open-clip-torch==3.3.0
+	$(BPE_VOCAB_WHEEL)
 .PHONY: gpu-wheels
 gpu-wheels:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m pip download --quiet --no-deps --only-binary=:all: \

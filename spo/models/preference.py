@@ -232,7 +232,7 @@ class TimeConditionedCLIP(nn.Module):
     ) -> torch.Tensor:
         # transformers >= 5.6 returns an output object; the projected embedding is its pooler_output.
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        return F.normalize(getattr(out, "pooler_output", out), dim=-1)
+        return F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Normalised text embeddings (N, D)."""
@@ -260,7 +260,9 @@ class TimeConditionedCLIP(nn.Module):
                 h = _block(layer, h, mods)
         shift, scale = self.pooled_adaln(temb).chunk(2, dim=-1)
         pooled = _modulate(vision.post_layernorm(h[:, 0]), shift, scale)
-        return F.normalize(self.clip.visual_projection(pooled), dim=-1)
+        # The embeddings are normalised and scored in fp32 whatever the weights: a bf16 score
+        # (logit_scale·cos ≈ 20, spacing 0.125) ties most of the k candidates of a step, and a tie is no pair.
+        return F.normalize(self.clip.visual_projection(pooled).float(), dim=-1)
 
     def encode_images(self, images: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1], any size -> normalised image embeddings (N, D)."""
@@ -286,14 +288,14 @@ class TimeConditionedCLIP(nn.Module):
         if image.shape[0] % text.shape[0]:
             raise ValueError(f"{image.shape[0]} images do not split into groups of {text.shape[0]} prompts")
         text = text.repeat(image.shape[0] // text.shape[0], 1)
-        return self.clip.logit_scale.exp() * (image * text).sum(-1)
+        return self.clip.logit_scale.float().exp() * (image * text).sum(-1)
 
     def score_with_text(
         self, images: torch.Tensor, text_embeds: torch.Tensor, timesteps: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Scores (N,) for images against precomputed normalised text embeddings (N, D) (or (1, D))."""
         image = self.encode_images(images, timesteps)
-        return self.clip.logit_scale.exp() * (image * text_embeds.to(image)).sum(-1)
+        return self.clip.logit_scale.float().exp() * (image * text_embeds.to(image)).sum(-1)
 
     def score(
         self, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor | None = None

@@ -49,7 +49,13 @@ def check_world_size(num_processes: int, environ: Mapping[str, str] | None = Non
 def checked_accelerator(**kwargs):
     """``accelerate.Accelerator(**kwargs)``, refused when it did not join every launched process."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    # mixed precision. A flow runs its stages in one process (train-spm at fp32, then train at bf16),
+    # and each stage's Accelerator replaces the last, so the stale state goes; the process group
+    # (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(**kwargs)
     check_world_size(accelerator.num_processes)
     return accelerator

@@ -14,7 +14,7 @@ import torch
 from e2e_helpers import project_cfg
 
 from spo.errors import SPOError
-from spo.training.launch import check_world_size
+from spo.training.launch import check_world_size, checked_accelerator
 
 FIX = "ACCELERATE_USE_CPU=true"
 
@@ -38,6 +38,19 @@ def test_world_size_check(env, seen, refused):
     launched = env.get("WORLD_SIZE") or env["LOCAL_WORLD_SIZE"]
     with pytest.raises(SPOError, match=rf"started {launched} processes .* accelerate sees {seen}.*{FIX}"):
         check_world_size(seen, env)
+
+
+def test_stages_in_one_process_may_differ_in_mixed_precision():
+    # a flow runs train-spm (no mixed precision) then train (bf16) in one process; accelerate's
+    # process-wide state refused the second Accelerator
+    first = checked_accelerator(cpu=True, mixed_precision="no")
+    assert first.mixed_precision == "no"
+    second = checked_accelerator(cpu=True, mixed_precision="bf16")
+    assert second.mixed_precision == "bf16"
+    with second.autocast():
+        assert torch.is_autocast_enabled("cpu")
+    third = checked_accelerator(cpu=True, mixed_precision="no")
+    assert third.mixed_precision == "no"
 
 
 def test_every_trainer_accelerator_refuses_an_unjoined_launch(tmp_path):

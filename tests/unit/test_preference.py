@@ -182,3 +182,21 @@ def test_released_checkpoint_with_pickled_objects_is_refused(clip_dir, tmp_path,
     with pytest.raises(ModelLoadError, match="weights_only=True"):
         load_spm(f"pretrained:{ckpt}", clip_ref=str(clip_dir), processor_ref=str(clip_dir))
     assert "must never run" not in capsys.readouterr().out
+
+
+def test_bf16_weights_still_score_in_fp32_without_ties(clip_dir):
+    # realsize SDXL (runtime.cpu_bf16): the bf16 SPM scored both candidates of its only comparison 1.046875,
+    # a tie, so no pair was kept. Near-identical candidates, as the k branches of one step are.
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    candidates = (base + 0.02 * torch.randn(8, 3, 64, 64, generator=g)).clamp(-1, 1)
+    spm = TimeConditionedCLIP.from_clip(str(clip_dir), time_embed_dim=32).eval()
+    with torch.no_grad():
+        fp32 = spm.score(candidates, ["a cat"] * 8)
+        spm.to(torch.bfloat16)
+        bf16 = spm.score(candidates, ["a cat"] * 8)
+        with_text = spm.score_with_text(candidates, spm.encode_text(["a cat"]))
+    assert bf16.dtype == with_text.dtype == torch.float32
+    assert len(set(bf16.tolist())) == 8  # bf16 scores (spacing 0.0625 at 8.6) took 3 distinct values
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0)  # bf16 weights' error, not the score's rounding
+    torch.testing.assert_close(with_text, bf16)
