@@ -269,6 +269,13 @@ class SPMConfig(Section):
     # trained with (saved with it; a mismatch is an error). Evaluation always decodes with the VAE.
     decoder: Literal["vae", "tiny"] = "vae"
     tiny_decoder: str = "madebyollin/taesd"
+    # Decode x̂0 straight at this shorter-side size instead of at the image size: the latents are
+    # box-filtered (area interpolation) to decode_resolution / the VAE factor first, then decoded. The SPM
+    # only ever sees its processor's input (224 px for PickScore), so a 512-px decode does (512/224)² = 5.2x
+    # the decoder work it needs. Never upsamples. None = decode at the image size (the paper). Part of how
+    # the SPM's images are rendered, like ``decoder``: saved with the SPM, a mismatch is an error.
+    # Measured on the tiny world: docs/sweeps/decode-resolution.md.
+    decode_resolution: int | None = Field(None, ge=8)
     # False: the SPM never sees the timestep (every image is scored as if t = 0, in training and in SPO) --
     # the paper's "SPM w/o step condition" ablation (Table 5). Saved with the model.
     step_conditioned: bool = True
@@ -288,6 +295,15 @@ class SPMConfig(Section):
         if v != "init" and not v.startswith("pretrained:"):
             raise ValueError("must be 'init' or 'pretrained:<hub id or path>'")
         return v
+
+    @model_validator(mode="after")
+    def _released_spm_renders_as_trained(self) -> SPMConfig:
+        if self.source.startswith("pretrained:") and (self.decoder != "vae" or self.decode_resolution is not None):
+            raise ValueError(
+                f"spm.source={self.source} is a released SPM, trained on full-size VAE-decoded images: use it with "
+                "spm.decoder=vae and spm.decode_resolution=null, or train an SPM for this rendering (spm.source=init)"
+            )
+        return self
 
 
 class SPOConfig(Section):

@@ -209,7 +209,6 @@ def _diffusion_flops(kind: str, arch: str, resolution: int, lora_rank: int) -> d
         out: dict[str, int] = {}
         with torch.no_grad():
             out["unet_row"] = _count(lambda: unet(x, t, **kw))
-            # One spm.decoder choice today (issue #12 item 1 would add a tiny decoder here).
             out["vae_decode"] = _count(lambda: vae.decode(torch.zeros(1, vae.config.latent_channels, side, side)))
             out["vae_encode"] = _count(lambda: vae.encode(torch.zeros(1, 3, resolution, resolution)))
         with _empty():
@@ -294,32 +293,44 @@ def diffusion_flops(cfg, resolution: int) -> dict[str, int]:
 
 
 @cache
-def _tiny_decoder_flops(kind: str, resolution: int) -> dict[str, int]:
+def _spm_decode_flops(kind: str, arch: str, decoder: str, resolution: int, decode_resolution: int) -> dict[str, int]:
+    """One decode of an x̂0 the SPM judges, of a ``resolution``-px image: by the VAE or the tiny decoder, from
+    the latents as ``spm.decode_resolution`` box-filters them (0: not at all)."""
     import torch
 
-    from spo.models.tiny import tiny_decoder
+    from spo.models.diffusion import spm_latent_size
 
-    with _empty():
-        # TAESD and TAESDXL share AutoencoderTiny's default architecture; the tiny preset distils a narrow one.
-        if kind == "tiny":
-            tiny = tiny_decoder()
-        else:
-            from diffusers import AutoencoderTiny
+    _, vae = _diffusion_modules(kind, arch)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    height, width = spm_latent_size(resolution // factor, resolution // factor, factor, decode_resolution or None)
+    if decoder == "tiny":
+        with _empty():
+            # TAESD and TAESDXL share AutoencoderTiny's default architecture; the tiny preset distils a narrow one.
+            if kind == "tiny":
+                from spo.models.tiny import tiny_decoder
 
-            tiny = AutoencoderTiny()
-    side = resolution // 2 ** (len(tiny.config.decoder_block_out_channels) - 1)
+                vae = tiny_decoder()
+            else:
+                from diffusers import AutoencoderTiny
+
+                vae = AutoencoderTiny()
     with torch.device("meta"), torch.no_grad():
-        latents = torch.zeros(1, tiny.config.latent_channels, side, side)
-        return {"decode": _count(lambda: tiny.decode(latents))}
+        latents = torch.zeros(1, vae.config.latent_channels, height, width)
+        return {"decode": _count(lambda: vae.decode(latents)), "side": factor * min(height, width)}
+
+
+def spm_decode(cfg, resolution: int) -> dict[str, int]:
+    """One decode of an x̂0 the SPM judges (``decode`` FLOPs, shorter ``side`` in px): the VAE's at the image
+    size (the paper), or as ``spm.decoder`` / ``spm.decode_resolution`` say."""
+    if cfg.spm.decoder == "vae" and cfg.spm.decode_resolution is None:
+        return {"decode": diffusion_flops(cfg, resolution)["vae_decode"], "side": int(resolution)}
+    key = ("tiny" if cfg.is_tiny else "real", cfg.model.arch, cfg.spm.decoder, int(resolution),
+           int(cfg.spm.decode_resolution or 0))
+    return _disk_cached("spm_decode", key, _spm_decode_flops)
 
 
 def spm_decode_flops(cfg, resolution: int) -> float:
-    """One decode of an x̂0 the SPM judges: the VAE's, or with spm.decoder=tiny the tiny decoder's."""
-    d = diffusion_flops(cfg, resolution)
-    if cfg.spm.decoder == "vae":
-        return d["vae_decode"]
-    key = ("tiny" if cfg.is_tiny else "real", int(resolution))
-    return _disk_cached("tiny_decoder", key, _tiny_decoder_flops)["decode"]
+    return spm_decode(cfg, resolution)["decode"]
 
 
 def clip_flops(cfg, which: str = "pickscore") -> dict[str, int]:
@@ -432,9 +443,11 @@ def _eval_stage(cfg) -> dict[str, Any]:
             "ours_flops": float(prompts * per_prompt), "official_flops": float(prompts * per_prompt)}
 
 
-def per_call_flops(cfg) -> dict[str, dict[str, int]]:
-    d = diffusion_flops(cfg, cfg.spo_resolution)
-    return {"diffusion": {**d, "spm_decode": spm_decode_flops(cfg, cfg.spo_resolution)}, "spm": clip_flops(cfg)}
+def per_call_flops(cfg) -> dict[str, dict[str, Any]]:
+    d, decode = diffusion_flops(cfg, cfg.spo_resolution), spm_decode(cfg, cfg.spo_resolution)
+    spm_decode_how = f"spm.decoder={cfg.spm.decoder}, {decode['side']} px"
+    return {"diffusion": {**d, "spm_decode": decode["decode"], "spm_decode_how": spm_decode_how},
+            "spm": clip_flops(cfg)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -483,6 +496,6 @@ def format_plan(plan: dict[str, Any], calls: dict[str, dict[str, int]] | None = 
                      f"= {d['vae_decode'] / (2 * d['unet_row']):.2f}x a CFG call, VAE encode "
                      f"{_si(d['vae_encode'])}, SPM image {_si(s['image'])} (bwd {_si(s['image_backward'])}), "
                      f"text {_si(s['text'])}"
-                     + (f", SPM decode (spm.decoder=tiny) {_si(d['spm_decode'])}" if d["spm_decode"] != d["vae_decode"]
-                        else ""))
+                     + (f", SPM decode ({d['spm_decode_how']}) {_si(d['spm_decode'])}"
+                        if d["spm_decode"] != d["vae_decode"] else ""))
     return "\n".join(lines)

@@ -219,8 +219,8 @@ class ValidationSet:
         item: dict[str, Any] = {"captions": captions, "label_0": label_0, "label_1": label_1, "images": {}}
         if (label_0 != label_1).any():
             for t in self.timesteps:
-                if t == 0:
-                    item["images"][t] = (img0, img1)
+                if t == 0:  # the clean images, at the resolution the SPM's x̂0 images are decoded at
+                    item["images"][t] = tuple(self.denoiser.adapter.images_for_spm(x) for x in (img0, img1))
                     continue
                 ts = torch.full((len(captions),), t, device=device, dtype=torch.long)
                 gen = seed_generator(self.seed, VALIDATION_STREAM, t, i, rank, device=device)
@@ -371,7 +371,7 @@ def training_images(denoiser, img0, img1, captions, t, gen, clean_fraction: floa
         return denoiser(img0, img1, captions, t, gen, timer)
     clean = (torch.rand(len(captions), generator=gen, device=gen.device) < clean_fraction).to(t.device)
     t.masked_fill_(clean, 0)
-    x0, x1 = img0.clone(), img1.clone()
+    x0, x1 = (denoiser.adapter.images_for_spm(img).clone() for img in (img0, img1))  # spm.decode_resolution
     idx = (~clean).nonzero().squeeze(1)
     if len(idx):
         x0[idx], x1[idx] = denoiser(

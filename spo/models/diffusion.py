@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from spo.errors import ModelLoadError
 from spo.refs import ModelRef, RefError
@@ -126,6 +127,17 @@ def load_pipeline(model_cfg, device: str | torch.device = "cpu", dtype: torch.dt
     return pipe
 
 
+def spm_latent_size(height: int, width: int, vae_scale: int, decode_resolution: int | None) -> tuple[int, int]:
+    """The latent (height, width) that the SPM's images are decoded from, for latents of (height, width):
+    scaled so that the decoded image's shorter side is ``decode_resolution`` (``spm.decode_resolution``), or
+    unchanged when that is None or not smaller than the image (never upsampled)."""
+    short = vae_scale * min(height, width)
+    if decode_resolution is None or decode_resolution >= short:
+        return height, width
+    scale = decode_resolution / short
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 class DiffusionAdapter:
     """The SD-1.5 / SDXL differences behind one interface (see module docstring)."""
 
@@ -138,6 +150,8 @@ class DiffusionAdapter:
         self.resolution = resolution
         # spm.decoder=tiny: an AutoencoderTiny that renders the images the SPM judges (attach_spm_decoder).
         self.spm_decoder = None
+        # spm.decode_resolution: the shorter side the SPM's images are decoded at (None: the image size).
+        self.spm_decode_resolution: int | None = None
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         if resolution % self.vae_scale:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {self.vae_scale}")
@@ -234,9 +248,29 @@ class DiffusionAdapter:
         images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return images.float().clamp(-1, 1)
 
+    def latents_for_spm(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents box-filtered (area interpolation) so that they decode at ``spm_decode_resolution`` on the
+        shorter side; unchanged when that is unset or not smaller than the image."""
+        size = spm_latent_size(latents.shape[-2], latents.shape[-1], self.vae_scale, self.spm_decode_resolution)
+        if size == tuple(latents.shape[-2:]):
+            return latents
+        return F.interpolate(latents.float(), size=size, mode="area").to(latents.dtype)
+
+    def images_for_spm(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean images (e.g. ``spm.clean_fraction``'s, or the t = 0 validation images) at the size
+        :meth:`decode_for_spm` renders latents of their size at, box-filtered: the SPM then sees every image at
+        one resolution."""
+        f = self.vae_scale
+        h, w = spm_latent_size(images.shape[-2] // f, images.shape[-1] // f, f, self.spm_decode_resolution)
+        if (h * f, w * f) == tuple(images.shape[-2:]):
+            return images
+        return F.interpolate(images.float(), size=(h * f, w * f), mode="area").to(images.dtype)
+
     def decode_for_spm(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> the images the SPM judges: the VAE's (:meth:`decode`), or the tiny decoder's when one is
-        attached. TAESD-style decoders take the UNet's scaled latents as they are (their scaling_factor is 1)."""
+        attached, at ``spm_decode_resolution`` when set (:meth:`latents_for_spm`). TAESD-style decoders take
+        the UNet's scaled latents as they are (their scaling_factor is 1)."""
+        latents = self.latents_for_spm(latents)
         if self.spm_decoder is None:
             return self.decode(latents)
         tiny = self.spm_decoder
@@ -270,7 +304,9 @@ def load_tiny_decoder(cfg, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 
 def attach_spm_decoder(adapter: DiffusionAdapter, cfg) -> DiffusionAdapter:
-    """With ``spm.decoder=tiny``, the adapter renders the SPM's images with the tiny decoder."""
+    """The adapter renders the SPM's images as ``spm`` says: with the tiny decoder under ``spm.decoder=tiny``,
+    at ``spm.decode_resolution`` when set."""
+    adapter.spm_decode_resolution = cfg.spm.decode_resolution
     if cfg.spm.decoder == "tiny":
         adapter.spm_decoder = load_tiny_decoder(cfg, adapter.device, adapter.vae.dtype)
     return adapter

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import torch
 
 from spo import tracking
-from spo.config import ConfigError
 from spo.models.preference import RELEASED_SPM_FILES, TimeConditionedCLIP, load_spm, save_spm
 from spo.pipeline_spec import artifact_path
 from spo.results import StageResult
@@ -170,9 +169,9 @@ def _publish(cfg, accelerator, model, info: dict[str, Any], metrics: dict[str, A
     accelerator.wait_for_everyone()
 
 
-def decoder_info(cfg) -> dict[str, str]:
-    """What renders the SPM's images (saved in spm_config.json; SPO refuses another decoder)."""
-    info = {"decoder": cfg.spm.decoder}
+def decoder_info(cfg) -> dict[str, Any]:
+    """What renders the SPM's images (saved in spm_config.json; SPO refuses another rendering)."""
+    info: dict[str, Any] = {"decoder": cfg.spm.decoder, "decode_resolution": cfg.spm.decode_resolution}
     if cfg.spm.decoder == "tiny":
         info["tiny_decoder"] = str(cfg.spm.tiny_decoder)
     return info
@@ -181,11 +180,6 @@ def decoder_info(cfg) -> dict[str, str]:
 def _import_pretrained(cfg) -> TrainSPMResult:
     """``spm.source=pretrained:<ref>``: load the released SPM, evaluate it beside its source CLIP, save it."""
     spm = cfg.spm
-    if spm.decoder != "vae":
-        raise ConfigError(
-            f"spm.source={spm.source} is a released SPM, trained on VAE-decoded images: use it with "
-            "spm.decoder=vae, or train an SPM for the tiny decoder (spm.source=init)"
-        )
     accelerator = make_accelerator(cfg, artifact_path(cfg, "spm_checkpoints"))
     device = accelerator.device
     seed_everything(spm.seed)
@@ -221,7 +215,7 @@ def _import_pretrained(cfg) -> TrainSPMResult:
         "relabelled": spm.relabel,
         "base_model": str(cfg.model.pretrained),
     }
-    info = {"training_config_hash": cfg.section_hash(*SECTIONS), "steps": 0, "accuracy": acc["spm"], "decoder": "vae"}
+    info = {"training_config_hash": cfg.section_hash(*SECTIONS), "steps": 0, "accuracy": acc["spm"], **decoder_info(cfg)}
     _publish(cfg, accelerator, model, info, metrics, [])
     log_accuracy("spm/val_acc", acc["spm"], 0)
     log_accuracy("spm/initial_val_acc", acc["initial"], 0)

@@ -109,10 +109,6 @@ def load_scorer(cfg, device, dtype):
         check_spm_decoder(cfg)
         return load_spm(artifact_path(cfg, "spm_model"), device=device, dtype=dtype)
     if cfg.spm.source.startswith("pretrained:"):
-        if cfg.spm.decoder != "vae":
-            raise ConfigError(
-                "a released SPM (spm.source=pretrained:...) judges VAE-decoded images: use spm.decoder=vae"
-            )
         return load_spm(
             cfg.spm.source,
             device=device,
@@ -129,14 +125,21 @@ def load_scorer(cfg, device, dtype):
 
 
 def check_spm_decoder(cfg) -> None:
-    """The SPM judges images rendered the way it was trained on (spm_config.json ``decoder``; older SPMs: vae)."""
+    """The SPM judges images rendered the way it was trained on (spm_config.json ``decoder`` and
+    ``decode_resolution``; SPMs saved without them: the full-size VAE decode)."""
     config_file = artifact_path(cfg, "spm_config")
-    trained = json.loads(config_file.read_text()).get("decoder", "vae") if config_file.exists() else "vae"
-    if trained != cfg.spm.decoder:
-        raise ConfigError(
-            f"the SPM at {artifact_path(cfg, 'spm_model')} was trained on {trained}-decoded images, but "
-            f"spm.decoder={cfg.spm.decoder}: set spm.decoder={trained}, or retrain it (`spo train-spm`)"
-        )
+    saved = json.loads(config_file.read_text()) if config_file.exists() else {}
+    for key, default in (("decoder", "vae"), ("decode_resolution", None)):
+        trained, configured = saved.get(key, default), getattr(cfg.spm, key)
+        if trained != configured:
+            raise ConfigError(
+                f"the SPM at {artifact_path(cfg, 'spm_model')} was trained with spm.{key}={_yaml(trained)}, but "
+                f"spm.{key}={_yaml(configured)}: set spm.{key}={_yaml(trained)}, or retrain it (`spo train-spm`)"
+            )
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def spm_lineage(cfg) -> dict[str, Any]:

@@ -272,3 +272,52 @@ def test_the_tiny_decoder_renders_what_the_spm_judges(adapters, tiny_models_root
         for h in hooks:
             h.remove()
     assert vae_rows == [] and sum(tiny_rows) == stats.candidates_scored > 0
+
+
+def test_spm_latent_size_scales_the_shorter_side_and_never_upsamples():
+    from spo.models.diffusion import spm_latent_size
+
+    assert spm_latent_size(64, 64, 8, 224) == (28, 28)  # SD-1.5 at 512 px -> PickScore's 224 px
+    assert spm_latent_size(128, 128, 8, 224) == (28, 28)  # SDXL at 1024 px
+    assert spm_latent_size(96, 128, 8, 224) == (28, 37)  # 768 x 1024: the shorter side -> 224, 1024 * 224/768
+    assert spm_latent_size(64, 64, 8, None) == (64, 64)
+    assert spm_latent_size(64, 64, 8, 512) == (64, 64) == spm_latent_size(64, 64, 8, 1024)
+
+
+def test_decode_resolution_decodes_box_filtered_latents_and_filters_clean_images_alike(adapters, tiny_models_root):
+    """spm.decode_resolution=16 on the 32-px tiny model (VAE factor 4): the SPM's decoder gets the 8x8 latents
+    averaged over 2x2 blocks (oracle: avg_pool2d) and renders 16-px images, with the VAE or the tiny decoder;
+    clean images are averaged over the same blocks of pixels; in the sampler every decode is at 4x4 latents."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderTiny
+
+    adapter = adapters["sd15"]
+    tiny = AutoencoderTiny.from_pretrained(tiny_models_root / "models" / "base" / "tiny_decoder")
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    pooled = F.avg_pool2d(latents, 2)
+    decoded_sides = []
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: decoded_sides.append(tuple(a[0].shape[-2:])))
+        for m in (adapter.vae.decoder, tiny.decoder)
+    ]
+    adapter.spm_decode_resolution = 16
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(adapter.decode_for_spm(latents), adapter.decode(pooled))
+            assert adapter.decode_for_spm(latents).shape[-2:] == (16, 16)
+            adapter.spm_decoder = tiny
+            torch.testing.assert_close(adapter.decode_for_spm(latents), tiny.decode(pooled).sample.clamp(-1, 1))
+            adapter.spm_decoder = None
+        torch.testing.assert_close(adapter.images_for_spm(images), F.avg_pool2d(images, 2))
+        decoded_sides.clear()
+        _, stats = _sampler(adapter, PatternScorer([0.0, 5.0, 1.0, 3.0])).sample(
+            ["a red circle"] * 2, torch.Generator().manual_seed(0)
+        )
+        assert stats.candidates_scored > 0 and decoded_sides and set(decoded_sides) == {(4, 4)}
+        adapter.spm_decode_resolution = 32  # not smaller than the image: nothing changes
+        assert adapter.images_for_spm(images) is images and adapter.latents_for_spm(latents) is latents
+    finally:
+        adapter.spm_decode_resolution, adapter.spm_decoder = None, None
+        for h in hooks:
+            h.remove()

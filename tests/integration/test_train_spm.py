@@ -283,5 +283,22 @@ def test_an_spm_trained_on_the_tiny_decoder_is_used_only_with_it(tiny_project):
     saved = json.loads((cfg.paths.spm_model / "spm_config.json").read_text())
     assert saved["decoder"] == "tiny" and saved["tiny_decoder"] == "models/base/tiny_decoder"
     assert load_scorer(cfg, "cpu", torch.float32) is not None
-    with pytest.raises(ConfigError, match="trained on tiny-decoded images, but spm.decoder=vae"):
+    with pytest.raises(ConfigError, match="trained with spm.decoder=tiny, but spm.decoder=vae"):
         load_scorer(_cfg(tiny_project), "cpu", torch.float32)
+
+
+def test_an_spm_trained_at_a_decode_resolution_is_used_only_at_it(tiny_project):
+    from spo.config import ConfigError
+    from spo.stages.train_spo import load_scorer
+
+    cfg = _cfg(tiny_project, "spm.max_steps=2", "spm.eval_timesteps=[0,501]", "spm.decode_resolution=16")
+    train_spm.run(cfg)
+    saved = json.loads((cfg.paths.spm_model / "spm_config.json").read_text())
+    assert saved["decoder"] == "vae" and saved["decode_resolution"] == 16
+    metrics = json.loads((cfg.paths.reports / "spm_metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"0", "501"}
+    assert load_scorer(cfg, "cpu", torch.float32) is not None
+    with pytest.raises(ConfigError, match="trained with spm.decode_resolution=16, but spm.decode_resolution=null"):
+        load_scorer(_cfg(tiny_project), "cpu", torch.float32)
+    with pytest.raises(ConfigError, match="spm.decode_resolution=16, but spm.decode_resolution=24"):
+        load_scorer(_cfg(tiny_project, "spm.decode_resolution=24"), "cpu", torch.float32)

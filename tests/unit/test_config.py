@@ -61,6 +61,14 @@ def test_invalid_values_give_readable_errors(override, fragment):
     assert "Traceback" not in message and "pydantic" not in message.lower()
 
 
+@pytest.mark.parametrize("rendering", ["spm.decoder=tiny", "spm.decode_resolution=224"])
+def test_a_released_spm_is_used_only_on_the_images_it_was_trained_on(rendering):
+    released = "spm.source=pretrained:SPO-Diffusion-Models/Step-Aware_Preference_Models"
+    with pytest.raises(ConfigError, match="spm.decoder=vae and spm.decode_resolution=null"):
+        load_config("sd15", [released, rendering], params_file=None)
+    assert load_config("sd15", [released], params_file=None).spm.decode_resolution is None
+
+
 def test_bad_override_syntax_and_unknown_preset():
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("spo.lr")

@@ -159,6 +159,34 @@ def test_tiny_decoder_flops_replace_only_the_spm_decodes(capsys):
     assert tiny["stages"]["evaluate"] == vae["stages"]["evaluate"]
 
 
+def test_decode_resolution_costs_the_decode_of_the_reduced_latents(capsys):
+    """spm.decode_resolution=16 on the 32-px tiny preset: each SPM decode costs the VAE's decode of 4x4 latents
+    (oracle: a CPU count of the tiny preset's VAE at that size), in SPM training and SPO sampling only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spo.models.tiny import build_tiny_sd15
+    from spo.plan import diffusion_flops, spm_decode
+
+    cfg = _cfg("tiny", "spm.decode_resolution=16")
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        build_tiny_sd15().vae.decode(torch.randn(1, 4, 4, 4))
+    decode = spm_decode(cfg, cfg.model.resolution)
+    assert decode == {"decode": counter.get_total_flops(), "side": 16}
+    assert decode["decode"] < diffusion_flops(cfg, cfg.model.resolution)["vae_decode"]
+    full, reduced = _plan_json(capsys), _plan_json(capsys, "--set", "spm.decode_resolution=16")
+    saved = diffusion_flops(cfg, cfg.model.resolution)["vae_decode"] - decode["decode"]
+    spo, spm = full["stages"]["train_spo"], full["stages"]["train_spm"]
+    for stage, decodes in (("train_spo", spo["prompts"] * spo["per_prompt"]["vae_decodes"]),
+                           ("train_spm", spm["pairs"] * spm["per_pair"]["vae_decodes"])):
+        assert full["stages"][stage]["ours_flops"] - reduced["stages"][stage]["ours_flops"] == pytest.approx(
+            saved * decodes)
+        assert reduced["stages"][stage]["official_flops"] == full["stages"][stage]["official_flops"]
+    assert reduced["stages"]["evaluate"] == full["stages"]["evaluate"]
+    # Not smaller than the image: the paper's decode.
+    assert spm_decode(_cfg("tiny", "spm.decode_resolution=64"), 32)["decode"] == diffusion_flops(cfg, 32)["vae_decode"]
+
+
 # -- (4) the CLI --------------------------------------------------------------------------------------------
 def _plan_json(capsys, *args):
     assert cli.main(["plan", "--preset", "tiny", "--params", "/dev/null", "--json", *args]) == 0

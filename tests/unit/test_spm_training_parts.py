@@ -138,3 +138,25 @@ def test_clean_fraction_shows_some_pairs_clean_at_t0(tiny_models_root):
     assert torch.equal(x0[clean], img0[clean]) and torch.equal(x1[clean], img1[clean])
     assert ((x0[~clean] - img0[~clean]).abs().amax(dim=(1, 2, 3)) > 1e-3).all()
     assert denoiser.counts["pairs"] == int((~clean).sum())
+
+
+def test_with_a_decode_resolution_clean_and_rendered_training_images_share_its_size(tiny_models_root):
+    """spm.decode_resolution=16 with clean_fraction: the clean pairs are the images averaged over 2x2 pixel
+    blocks (oracle: avg_pool2d), the rendered ones 16-px decodes, so one batch holds one image size."""
+    import torch.nn.functional as F
+
+    from spo.spm_training import NO_TIMER, training_images
+
+    adapter = _adapter(tiny_models_root, "sd15")
+    adapter.spm_decode_resolution = 16
+    denoiser = PairDenoiser(adapter, cfg_scale=5.0)
+    img0, img1 = _images(0, 8), _images(1, 8)
+    t = torch.full((8,), 700)
+    x0, x1 = training_images(
+        denoiser, img0, img1, ["a red circle"] * 8, t, torch.Generator().manual_seed(3), 0.5, NO_TIMER
+    )
+    clean = t == 0
+    assert 0 < clean.sum() < 8 and x0.shape == x1.shape == (8, 3, 16, 16)
+    torch.testing.assert_close(x0[clean], F.avg_pool2d(img0[clean], 2))
+    torch.testing.assert_close(x1[clean], F.avg_pool2d(img1[clean], 2))
+    assert ((x0[~clean] - F.avg_pool2d(img0[~clean], 2)).abs().amax(dim=(1, 2, 3)) > 1e-3).all()
