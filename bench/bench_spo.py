@@ -382,7 +382,9 @@ class CallCounter:
         self.phase = "sampling"
         self.rows: dict[str, int] = {}
 
-    def watch(self, module, name: str, split_grad: bool = False) -> None:
+    def watch(self, module, name: str, split_grad: bool = False, latent_pixels: bool = False) -> None:
+        """Count the batch rows through ``module``; ``latent_pixels``: also the rows' latent pixels (H x W of the
+        input), under ``<name>_latent_px`` -- a decoder's work at any decode size."""
         def hook(mod, args, kwargs, out):
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             key = name
@@ -391,6 +393,9 @@ class CallCounter:
                 key = f"{name}_{'grad' if y.requires_grad else 'nograd'}"
             key = f"{self.phase}.{key}"
             self.rows[key] = self.rows.get(key, 0) + x.shape[0]
+            if latent_pixels:
+                px = f"{self.phase}.{name}_latent_px"
+                self.rows[px] = self.rows.get(px, 0) + x.shape[0] * x.shape[-2] * x.shape[-1]
 
         module.register_forward_hook(hook, with_kwargs=True)
 
@@ -574,12 +579,15 @@ def rss_watchdog(limit_gb: float) -> None:
 
 
 def whole_iteration(size: str, repeats: int, root: str | None = None, overrides: list[str] = (),
-                    ref_copy: str = "deep", warmup: int = 1, plan: bool = True) -> dict:
+                    ref_copy: str = "deep", warmup: int = 1, plan: bool = True,
+                    decode_resolution: int | None = None) -> dict:
     """Time one SPO iteration (sampling + training) of the official algorithm, ours (spm.decoder vae) and
     ours (tiny), interleaved C A B C A B ... in this process, on the same prompts and seed stream.
 
     ``ref_copy="shared"``: the official reference is a deep copy of the UNet's module tree that shares the
-    frozen weight tensors (same 4 calls, same kernels, without a second 3.4 GB of weights in RAM)."""
+    frozen weight tensors (same 4 calls, same kernels, without a second 3.4 GB of weights in RAM).
+    ``decode_resolution``: also ours with each decoder at ``spm.decode_resolution`` (variants
+    ``ours_vae_<R>``, ``ours_tiny_<R>``)."""
     import statistics
 
     from spo.config import load_config
@@ -591,7 +599,7 @@ def whole_iteration(size: str, repeats: int, root: str | None = None, overrides:
     tmp = Path(tempfile.mkdtemp(prefix="bench_spo_whole_"))
     base = [f"paths.root={tmp}", f"model.resolution={spec['resolution']}", "model.dtype=fp32"]
     cfg = load_config(spec["preset"], [*base, *spec["overrides"], *overrides], params_file=None)
-    plan = plan_ratios(cfg) if plan else None
+    plan = plan_ratios(cfg, decode_resolution) if plan else None
     tic = time.perf_counter()
     pipe, spm, decoder_dir = _whole_models(size, cfg, root, tmp)
     cfg = load_config(
@@ -611,14 +619,14 @@ def whole_iteration(size: str, repeats: int, root: str | None = None, overrides:
     counter = CallCounter()
     counter.watch(trainer.base_unet, "unet_rows", split_grad=True)
     counter.watch(ref_unet, "unet_rows", split_grad=True)
-    counter.watch(pipe.vae.decoder, "vae_decodes")
-    counter.watch(tiny.decoder, "tiny_decodes")
+    counter.watch(pipe.vae.decoder, "vae_decodes", latent_pixels=True)
+    counter.watch(tiny.decoder, "tiny_decodes", latent_pixels=True)
     counter.watch(spm.clip.vision_model.embeddings, "spm_image_forwards")
     counter.watch(spm.clip.text_model, "spm_text_forwards")
 
-    def ours(decoder):
+    def ours(decoder, resolution=None):
         def run():
-            adapter.spm_decoder = decoder
+            adapter.spm_decoder, adapter.spm_decode_resolution = decoder, resolution
             trainer.state = SPOState()  # epoch 0, iteration 0: the same prompts and seed stream every time
             counter.phase = "sampling"
             t0 = time.perf_counter()
@@ -647,6 +655,9 @@ def whole_iteration(size: str, repeats: int, root: str | None = None, overrides:
 
     # The official variant first: if a slow shared CPU cuts the run short, the baseline is there.
     variants = {"official": official, "ours_vae": ours(None), "ours_tiny": ours(tiny)}
+    if decode_resolution:
+        variants |= {f"ours_vae_{decode_resolution}": ours(None, decode_resolution),
+                     f"ours_tiny_{decode_resolution}": ours(tiny, decode_resolution)}
     times = {v: {"sampling_s": [], "training_s": [], "total_s": []} for v in variants}
     counts: dict[str, dict[str, int]] = {}
     # Untimed warm-up rounds first: the first pass through a model pays page faults and kernel set-up, which
@@ -668,7 +679,7 @@ def whole_iteration(size: str, repeats: int, root: str | None = None, overrides:
 
     med = {v: {k: statistics.median(x) for k, x in t.items()} for v, t in times.items()}
     ratios = {}
-    for v in ("ours_vae", "ours_tiny"):
+    for v in [name for name in variants if name != "official"]:
         per_repeat = [a / b for a, b in zip(times[v]["total_s"], times["official"]["total_s"], strict=True)]
         ratios[v] = {"of_medians": med[v]["total_s"] / med["official"]["total_s"],
                      "per_repeat": per_repeat, "median_of_per_repeat": statistics.median(per_repeat)}
@@ -683,16 +694,17 @@ def whole_iteration(size: str, repeats: int, root: str | None = None, overrides:
                      "tiny_decoder": sum(p.numel() for p in tiny.parameters()) / 1e6,
                      "spm": sum(p.numel() for p in spm.parameters()) / 1e6},
         "counts": counts, "times_s": times, "median_s": med, "ratio_to_official": ratios,
-        "plan": plan, "reference": ref_copy,
+        "plan": plan, "reference": ref_copy, "decode_resolution": decode_resolution,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
     }
 
 
-def plan_ratios(measured_cfg) -> dict:
+def plan_ratios(measured_cfg, decode_resolution: int | None = None) -> dict:
     """spo.plan's train_spo FLOP ratio ours/official: at paper sizes (sd15 preset, kept fraction 0.28 and
-    1.0) for each decoder, and for the measured config (every comparison kept, as at threshold 0)."""
+    1.0) for each decoder (and each at ``decode_resolution``), and for the measured config (every comparison
+    kept, as at threshold 0)."""
     from spo import plan
     from spo.config import load_config
 
@@ -702,12 +714,15 @@ def plan_ratios(measured_cfg) -> dict:
 
     out = {}
     for decoder in ("vae", "tiny"):
-        paper = load_config("sd15", [f"spm.decoder={decoder}"], params_file=None)
-        out[f"paper_sd15_{decoder}_kept0.28"] = ratio(paper, plan.DEFAULT_KEPT_FRACTION)
-        out[f"paper_sd15_{decoder}_kept1.0"] = ratio(paper, 1.0)
-        here = measured_cfg.model_copy(deep=True)
-        here.spm.decoder = decoder
-        out[f"measured_config_{decoder}_kept1.0"] = ratio(here, 1.0)
+        for res in dict.fromkeys([None, decode_resolution]):
+            name = decoder if res is None else f"{decoder}_{res}"
+            paper = load_config("sd15", [f"spm.decoder={decoder}", f"spm.decode_resolution={res or 'null'}"],
+                                params_file=None)
+            out[f"paper_sd15_{name}_kept0.28"] = ratio(paper, plan.DEFAULT_KEPT_FRACTION)
+            out[f"paper_sd15_{name}_kept1.0"] = ratio(paper, 1.0)
+            here = measured_cfg.model_copy(deep=True)
+            here.spm.decoder, here.spm.decode_resolution = decoder, res
+            out[f"measured_config_{name}_kept1.0"] = ratio(here, 1.0)
     counts = plan.sampling_counts(measured_cfg)
     out["measured_config_counts_per_prompt"] = {
         "unet_rows": counts.unet_rows, "vae_decodes": counts.vae_decodes, "spm_forwards": counts.spm_forwards,
@@ -715,13 +730,22 @@ def plan_ratios(measured_cfg) -> dict:
     return out
 
 
+def _label(variant: str) -> str:
+    """ours_tiny_224 -> ours (tiny, 224 px)"""
+    who, *how = variant.split("_")
+    if not how:
+        return who
+    return f"{who} ({how[0]}{f', {how[1]} px' if len(how) > 1 else ''})"
+
+
 def whole_table(res: dict) -> str:
     c, med, counts = res["config"], res["median_s"], res["counts"]
     lines = [f"\n{res['size']}: {c['prompts']} prompt(s), {c['num_steps']} DDIM steps, divert "
              f"{c['divert_start_step']}, k {c['num_candidates']}, {c['resolution']} px; {res['repeats']} "
-             f"repeat(s) interleaved after {res['warmup']} untimed warm-up round(s); params (M): " + ", ".join(f"{k} {v:.1f}" for k, v in res["params_m"].items()),
-             "| per iteration | ours (vae) | ours (tiny) | official |", "|---|---|---|---|"]
-    names = ("ours_vae", "ours_tiny", "official")
+             f"repeat(s) interleaved after {res['warmup']} untimed warm-up round(s); params (M): "
+             + ", ".join(f"{k} {v:.1f}" for k, v in res["params_m"].items())]
+    names = [*(n for n in med if n != "official"), "official"]
+    lines += ["| per iteration | " + " | ".join(_label(n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for key, label in (("sampling_s", "sampling s (median)"), ("training_s", "training s (median)"),
                        ("total_s", "whole iteration s (median)")):
         lines.append(f"| {label} | " + " | ".join(f"{med[n][key]:.2f}" for n in names) + " |")
@@ -730,8 +754,7 @@ def whole_table(res: dict) -> str:
             f"{min(res['times_s'][v][n]):.2f}-{max(res['times_s'][v][n]):.2f}" for v in names) + " |")
     r = res["ratio_to_official"]
     lines.append("| ratio to official (of medians; median of per-repeat) | " + " | ".join(
-        f"{r[v]['of_medians']:.3f}; {r[v]['median_of_per_repeat']:.3f}" for v in ("ours_vae", "ours_tiny"))
-        + " | 1 |")
+        f"{r[v]['of_medians']:.3f}; {r[v]['median_of_per_repeat']:.3f}" for v in names[:-1]) + " | 1 |")
     keys = sorted({k for v in counts.values() for k in v})
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(str(counts[v].get(k, 0)) for v in names) + " |")
@@ -781,6 +804,8 @@ def main() -> None:
     ap.add_argument("--ref-copy", choices=["deep", "shared"], default="deep",
                     help="whole-iteration: official reference = deep copy, or a copy sharing the frozen weights")
     ap.add_argument("--warmup", type=int, default=1, help="whole-iteration: untimed rounds before the repeats")
+    ap.add_argument("--decode-resolution", type=int, default=None, metavar="PX",
+                    help="whole-iteration: also time ours with each decoder at spm.decode_resolution=PX")
     ap.add_argument("--max-rss-gb", type=float, default=13.0, help="whole-iteration: stop above this RSS")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=["ours", "official"], help=argparse.SUPPRESS)
@@ -798,8 +823,8 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         rss_watchdog(args.max_rss_gb)
-        results = [whole_iteration(size, args.whole_iteration, args.root, args.set, args.ref_copy, args.warmup)
-                   for size in sizes]
+        results = [whole_iteration(size, args.whole_iteration, args.root, args.set, args.ref_copy, args.warmup,
+                                   decode_resolution=args.decode_resolution) for size in sizes]
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {time.ctime()}")
         for res in results:
             print(whole_table(res))

@@ -20,8 +20,9 @@ def test_whole_iteration_counts_the_work_of_each_algorithm():
     # 1 prompt, the tiny preset's 10 DDIM steps (nominal t = 900 ... 0), divert 2, k = 4, CFG at sampling
     # and training, threshold 0 (every comparison kept).
     overrides = ["spo.num_prompts=1", "spo.sample_batch_size=1", "spo.train_batch_size=4"]
-    res = _bench().whole_iteration("tiny", repeats=1, overrides=overrides, warmup=0, plan=False)
+    res = _bench().whole_iteration("tiny", repeats=1, overrides=overrides, warmup=0, plan=False, decode_resolution=16)
     c = res["counts"]
+    assert set(c) == {"official", "ours_vae", "ours_tiny", "ours_vae_16", "ours_tiny_16"}
     # Comparisons at steps 2..9 (t <= kappa = 750): 8 per prompt, one kept pair each.
     assert {v["pairs"] for v in c.values()} == {8}
     # UNet rows while sampling: steps 0, 1 and the first branch's x_t, 2 rows each (CFG), then at steps 3..9
@@ -37,4 +38,13 @@ def test_whole_iteration_counts_the_work_of_each_algorithm():
     for name in ("ours_vae", "ours_tiny"):
         assert (c[name]["training.unet_rows_grad"], c[name]["training.unet_rows_nograd"]) == (16, 16)
     assert (c["official"]["training.unet_rows_grad"], c["official"]["training.unet_rows_nograd"]) == (32, 32)
+    # spm.decode_resolution=16 (32 px, VAE factor 4): the same decodes, each from 4x4 latents instead of 8x8.
+    assert c["ours_vae_16"]["sampling.vae_decodes"] == 32 and c["ours_tiny_16"]["sampling.tiny_decodes"] == 32
+    assert c["ours_vae"]["sampling.vae_decodes_latent_px"] == c["official"]["sampling.vae_decodes_latent_px"] == 32 * 8 * 8
+    assert c["ours_vae_16"]["sampling.vae_decodes_latent_px"] == c["ours_tiny_16"]["sampling.tiny_decodes_latent_px"] == 32 * 4 * 4
+    for name in ("ours_vae_16", "ours_tiny_16"):
+        assert {k: v for k, v in c[name].items() if "decodes" not in k} == {
+            k: v for k, v in c["ours_vae"].items() if "decodes" not in k}
+    assert set(res["ratio_to_official"]) == {"ours_vae", "ours_tiny", "ours_vae_16", "ours_tiny_16"}
     assert all(t > 0 for v in res["median_s"].values() for t in v.values())
+
