@@ -64,7 +64,9 @@ def temporary_prefect_server() -> Iterator[str | None]:
         return
     server = _server_class()()
     with _exit_on_sigterm():
-        server.start()
+        # Prefect's default start-up timeout (20 s) is too short for a first start, which runs the database
+        # migrations, on a busy 2-core machine: 120 s unless PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is set.
+        server.start(timeout=None if os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") else 120)
         try:
             with temporary_settings({PREFECT_API_URL: server.api_url}):
                 yield server.api_url

@@ -232,7 +232,10 @@ def test_stage_reports_follow_the_spec(tmp_path):
     assert rel("pipeline") == set()
 
 
-def test_lineage_tags_follow_the_reads(tmp_path):
+def test_lineage_tags_follow_the_reads(tmp_path, monkeypatch):
+    # A relative model reference missing under paths.root falls back to the working directory (spo.refs): run
+    # from tmp_path, so a checkout where `make run` left models/base does not lend its base model to the test.
+    monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path)
     for name in ("prepared", "spm_model", "lora", "eval_reports"):
         artifact_path(cfg, name).mkdir(parents=True)
