@@ -459,7 +459,9 @@ def plot_gains(summary: dict[str, Any], path: Path) -> None:
 
     groups = summary["groups"]
     metric = summary["metric"]
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(3.2 * max(len(groups), 1), 3.4), squeeze=False)
+    # At least 4.8 inches wide: the title must fit over a one-group sweep.
+    width = max(3.2 * max(len(groups), 1), 4.8)
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(width, 3.4), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=False):
         rows = [r for r in group["rows"] if metric in r["gains"]]
         for i, r in enumerate(rows):
