@@ -29,32 +29,25 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 RENDERINGS = ("full", "pixel", "latent")
 
 
 def render(adapter, denoiser, img0, img1, captions, t: int, gen_state, resolution: int) -> dict[str, tuple]:
     """The three renderings of one validation batch at nominal timestep ``t`` (same noise for each)."""
-    from spo.models.diffusion import spm_latent_size
-
-    f = adapter.vae_scale
-    h, w = spm_latent_size(img0.shape[-2] // f, img0.shape[-1] // f, f, resolution)
-
-    def box(x):
-        return F.interpolate(x.float(), size=(h * f, w * f), mode="area")
-
-    if t == 0:
-        return {"full": (img0, img1), "pixel": (box(img0), box(img1)), "latent": (box(img0), box(img1))}
-    ts = torch.full((len(captions),), t, dtype=torch.long)
-    out = {}
-    for name, res in (("full", None), ("latent", resolution)):
-        adapter.spm_decode_resolution = res
-        gen = torch.Generator().set_state(gen_state)
-        out[name] = denoiser(img0, img1, captions, ts, gen)
-    adapter.spm_decode_resolution = None
-    out["pixel"] = tuple(box(x) for x in out["full"])
-    return out
+    try:
+        adapter.spm_decode_resolution = resolution
+        if t == 0:
+            clean = tuple(adapter.images_for_spm(x) for x in (img0, img1))
+            return {"full": (img0, img1), "pixel": clean, "latent": clean}
+        ts = torch.full((len(captions),), t, dtype=torch.long)
+        latent = denoiser(img0, img1, captions, ts, torch.Generator().set_state(gen_state))
+        adapter.spm_decode_resolution = None
+        full = denoiser(img0, img1, captions, ts, torch.Generator().set_state(gen_state))
+        adapter.spm_decode_resolution = resolution
+        return {"full": full, "pixel": tuple(adapter.images_for_spm(x) for x in full), "latent": latent}
+    finally:
+        adapter.spm_decode_resolution = None
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,15 +57,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure(root: Path, resolution: int, spms: dict[str, str], max_batches: int | None = None) -> dict:
+def measure(root: Path, resolution: int, spms: dict[str, str], max_batches: int | None = None,
+            overrides: tuple[str, ...] = ()) -> dict:
     from spo.config import load_config
     from spo.models.preference import load_spm
     from spo.spm_training import VALIDATION_STREAM, PairDenoiser, base_model, pair_correct, pair_streams
     from spo.training import seed_generator
 
-    cfg = load_config("tiny", [f"paths.root={root}"], params_file=root / "params.yaml")
+    params = root / "params.yaml"
+    cfg = load_config("tiny", [f"paths.root={root}", *overrides], params_file=params if params.exists() else None)
     adapter = base_model(cfg, "cpu")
-    adapter.spm_decode_resolution = None
     denoiser = PairDenoiser(adapter, cfg.spm.cfg_scale)
     _, val = pair_streams(cfg)
     models = {name: load_spm(root / path) for name, path in spms.items()}

@@ -303,20 +303,21 @@ def _spm_decode_flops(kind: str, arch: str, decoder: str, resolution: int, decod
     _, vae = _diffusion_modules(kind, arch)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     height, width = spm_latent_size(resolution // factor, resolution // factor, factor, decode_resolution or None)
+    module = vae
     if decoder == "tiny":
         with _empty():
             # TAESD and TAESDXL share AutoencoderTiny's default architecture; the tiny preset distils a narrow one.
             if kind == "tiny":
                 from spo.models.tiny import tiny_decoder
 
-                vae = tiny_decoder()
+                module = tiny_decoder()
             else:
                 from diffusers import AutoencoderTiny
 
-                vae = AutoencoderTiny()
+                module = AutoencoderTiny()
     with torch.device("meta"), torch.no_grad():
-        latents = torch.zeros(1, vae.config.latent_channels, height, width)
-        return {"decode": _count(lambda: vae.decode(latents)), "side": factor * min(height, width)}
+        latents = torch.zeros(1, module.config.latent_channels, height, width)
+        return {"decode": _count(lambda: module.decode(latents)), "side": factor * min(height, width)}
 
 
 def spm_decode(cfg, resolution: int) -> dict[str, int]:
