@@ -21,3 +21,14 @@ def make_cfg(root: Path, *overrides: str):
     from spo.config import load_config
 
     return load_config("tiny", [f"paths.root={root}", *SMALL, *overrides], params_file=None)
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,28 +3,18 @@ against avg_pool2d and against each other), and every SPM scores each of them. N
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_decode_resolution.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_decode_resolution", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from spo_test_helpers import load_bench
 
 
 def test_renderings_and_scores(tiny_project):
     from spo.models.preference import TimeConditionedCLIP, save_spm
     from spo.spm_training import PairDenoiser, base_model
 
-    bench, root = _bench(), tiny_project.paths.root
+    bench, root = load_bench("bench_decode_resolution"), tiny_project.paths.root
     adapter = base_model(tiny_project, "cpu")
     denoiser = PairDenoiser(adapter, tiny_project.spm.cfg_scale)
     g = torch.Generator().manual_seed(0)

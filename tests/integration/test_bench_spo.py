@@ -3,24 +3,15 @@ prescribes (counts worked out by hand from the samplers and trainers, not read o
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_spo.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_spo", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from spo_test_helpers import load_bench
 
 
 def test_whole_iteration_counts_the_work_of_each_algorithm():
     # 1 prompt, the tiny preset's 10 DDIM steps (nominal t = 900 ... 0), divert 2, k = 4, CFG at sampling
     # and training, threshold 0 (every comparison kept).
     overrides = ["spo.num_prompts=1", "spo.sample_batch_size=1", "spo.train_batch_size=4"]
-    res = _bench().whole_iteration("tiny", repeats=1, overrides=overrides, warmup=0, plan=False, decode_resolution=16)
+    bench = load_bench("bench_spo")
+    res = bench.whole_iteration("tiny", repeats=1, overrides=overrides, warmup=0, plan=False, decode_resolution=16)
     c = res["counts"]
     assert set(c) == {"official", "ours_vae", "ours_tiny", "ours_vae_16", "ours_tiny_16"}
     # Comparisons at steps 2..9 (t <= kappa = 750): 8 per prompt, one kept pair each.
