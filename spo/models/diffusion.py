@@ -138,6 +138,14 @@ def spm_latent_size(height: int, width: int, vae_scale: int, decode_resolution: 
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def _box_filter(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` area-interpolated (box-filtered) to (height, width) ``size`` in fp32; ``x`` itself when already that
+    size."""
+    if tuple(size) == tuple(x.shape[-2:]):
+        return x
+    return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
+
+
 class DiffusionAdapter:
     """The SD-1.5 / SDXL differences behind one interface (see module docstring)."""
 
@@ -252,9 +260,7 @@ class DiffusionAdapter:
         """The latents box-filtered (area interpolation) so that they decode at ``spm_decode_resolution`` on the
         shorter side; unchanged when that is unset or not smaller than the image."""
         size = spm_latent_size(latents.shape[-2], latents.shape[-1], self.vae_scale, self.spm_decode_resolution)
-        if size == tuple(latents.shape[-2:]):
-            return latents
-        return F.interpolate(latents.float(), size=size, mode="area").to(latents.dtype)
+        return _box_filter(latents, size)
 
     def images_for_spm(self, images: torch.Tensor) -> torch.Tensor:
         """Clean images (e.g. ``spm.clean_fraction``'s, or the t = 0 validation images) at the size
@@ -262,9 +268,7 @@ class DiffusionAdapter:
         one resolution."""
         f = self.vae_scale
         h, w = spm_latent_size(images.shape[-2] // f, images.shape[-1] // f, f, self.spm_decode_resolution)
-        if (h * f, w * f) == tuple(images.shape[-2:]):
-            return images
-        return F.interpolate(images.float(), size=(h * f, w * f), mode="area").to(images.dtype)
+        return _box_filter(images, (h * f, w * f))
 
     def decode_for_spm(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> the images the SPM judges: the VAE's (:meth:`decode`), or the tiny decoder's when one is
